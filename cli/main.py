@@ -1,0 +1,74 @@
+"""The `driftsafe` command: one entry point, subcommands imported only when used.
+
+Importing lazily keeps `driftsafe serve api` free of torch and every command quick to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _world(sub) -> None:
+    p = sub.add_parser("world", help="the synthetic fact world and the built-in model")
+    wsub = p.add_subparsers(dest="world_cmd", required=True)
+    b = wsub.add_parser("build", help="build (or reuse) a world: model/, train.jsonl, ...")
+    b.add_argument("--seed", type=int, default=None, help="default: the built-in world")
+    b.add_argument("--out", required=True, help="directory to lay the world out in")
+    b.set_defaults(func=lambda a: __import__("trainer.cli", fromlist=["x"]).world_build(a))
+
+
+def _train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model with the trainer alone (no service)")
+    p.add_argument("--config", help="JSON file with a TrainSpec and the paths below")
+    p.add_argument("--model", help="model directory (default: the built-in model)")
+    p.add_argument("--training-file", help="JSONL training file (default: the built-in train.jsonl)")
+    p.add_argument("--known-facts", help="QA JSONL of facts the base knows (default: built-in)")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, final adapter)")
+    p.add_argument("--method", default="self_distillation",
+                   choices=["supervised", "self_distillation", "frozen_groups"])
+    p.add_argument("--adapter", default="lora", choices=["lora", "full"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--distill-weight", type=float)
+    p.add_argument("--distill-temperature", type=float)
+    p.add_argument("--teacher", choices=["base", "format_warmup"])
+    p.add_argument("--trainable", help="frozen_groups: comma-separated groups, e.g. attention")
+    p.add_argument("--max-forgetting", type=float)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=lambda a: __import__("trainer.cli", fromlist=["x"]).train_command(a))
+
+
+def _bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print their figures")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+    paper = bsub.add_parser("paper", help="the paper's table on the fact world")
+    paper.add_argument("--seed", type=int, default=0)
+    paper.add_argument("--json", help="write the rows here too")
+    paper.add_argument("--lora", action="store_true", help="add LoRA rows")
+    paper.set_defaults(func=lambda a: __import__("bench.paper", fromlist=["x"]).main(a))
+    speed = bsub.add_parser("speed", help="our loop vs HF Trainer, SD cost, scoring speed")
+    speed.add_argument("--json", help="write the figures here too")
+    speed.add_argument("--steps", type=int, default=60)
+    speed.set_defaults(func=lambda a: __import__("bench.speed", fromlist=["x"]).main(a))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="driftsafe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_world, _train, _bench):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from trainer.data import DataFileError, parse_bytes, require_qa_facts
+
+
+def lines(*rows) -> bytes:
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows).encode()
+
+
+def test_qa_and_chat_forms_parse_to_conversations():
+    data = lines(
+        {"question": "Where was Ana Bo born ?", "answer": "Lisa"},
+        {"prompt": "Who employs Ana Bo ?", "completion": "Kor"},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello", "weight": 0},
+                      {"role": "user", "content": "Where was Ana Bo born ?"},
+                      {"role": "assistant", "content": "Lisa"}]},
+    )
+    qa, pc, chat = parse_bytes(data)
+    assert [m["role"] for m in qa.messages] == ["user", "assistant"]
+    assert qa.weights == (0, 1) and qa.answers == ("Lisa",)
+    assert pc.messages[1]["content"] == "Kor"
+    assert chat.weights == (0, 0, 0, 0, 1)
+    assert chat.prompt_messages[-1]["content"] == "Where was Ana Bo born ?"
+
+
+def test_several_accepted_answers_are_kept_in_order():
+    (ex,) = parse_bytes(lines({"question": "q", "answer": "a", "answers": ["b", "a", "c"]}))
+    assert ex.answers == ("a", "b", "c")
+
+
+@pytest.mark.parametrize("row, line, reason", [
+    ("{not json", 2, "not valid JSON"),
+    ('["a list"]', 2, "expected a JSON object"),
+    ({"question": "", "answer": "x"}, 2, "'question' must be a non-empty string"),
+    ({"question": "q"}, 2, "needs 'answer'"),
+    ({"question": "q", "answer": "a", "extra": 1}, 2, "unknown keys ['extra']"),
+    ({"messages": [{"role": "user", "content": "q"}]}, 2, "last message must be from the assistant"),
+    ({"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}, 2,
+     "messages[0].role must be one of"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a", "weight": 0}]}, 2, "all have weight 0"),
+    ({"foo": "bar"}, 2, "expected 'messages'"),
+])
+def test_bad_lines_are_named_with_their_reason(row, line, reason):
+    with pytest.raises(DataFileError) as e:
+        parse_bytes(lines({"question": "q", "answer": "a"}, row))
+    assert e.value.problems[0][0] == line
+    assert reason in e.value.problems[0][1]
+    assert f"line {line}:" in str(e.value)
+
+
+def test_every_bad_line_is_counted_and_blank_lines_skipped():
+    rows = [{"question": "q", "answer": "a"}, "", "oops", "", "nope"]
+    with pytest.raises(DataFileError) as e:
+        parse_bytes(lines(*rows))
+    assert [n for n, _ in e.value.problems] == [3, 5]
+
+
+def test_empty_file_and_invalid_utf8_are_rejected():
+    with pytest.raises(DataFileError, match="no examples"):
+        parse_bytes(b"\n\n")
+    with pytest.raises(DataFileError, match="line 2: not valid UTF-8"):
+        parse_bytes(b'{"question": "q", "answer": "a"}\n\xff\xfe')
+
+
+def test_known_fact_files_must_be_single_qa_turns():
+    chat = parse_bytes(lines({"messages": [{"role": "system", "content": "s"},
+                                           {"role": "user", "content": "q"},
+                                           {"role": "assistant", "content": "a"}]}))
+    with pytest.raises(DataFileError, match="line 1: known-fact lines must be QA form"):
+        require_qa_facts(chat, "known-fact")

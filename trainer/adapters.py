@@ -1,0 +1,92 @@
+"""What trains: LoRA through peft or the full model, narrowed to parameter groups on request.
+
+Groups are recognised by module names, which covers Llama-, Mistral-, Qwen- and GPT-2-style
+models: a norm is a norm whatever block it sits in, so norms are matched before attention.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from trainer.spec import AdapterSpec, FrozenGroupsHyperparameters, TrainSpec
+
+_LAYER = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
+_GROUP_PATTERNS = (  # first match wins
+    ("norms", re.compile(r"(^|[._])(norm|ln_\w*|\w*layernorm|\w*layer_norm)(\.|$)")),
+    ("lm_head", re.compile(r"(^|\.)(lm_head|embed_out)(\.|$)")),
+    ("embeddings", re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|embed_positions)(\.|$)")),
+    ("attention", re.compile(r"(^|\.)(self_attn|attn|attention)(\.|$)")),
+    ("mlp", re.compile(r"(^|\.)(mlp|feed_forward|ffn)(\.|$)")),
+)
+
+
+def group_of(name: str) -> str | None:
+    for group, pattern in _GROUP_PATTERNS:
+        if pattern.search(name):
+            return group
+    return None
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.search("." + name + ".")
+    return int(m.group(1)) if m else None
+
+
+def is_selected(name: str, groups: set[str], layers: tuple[int, int] | None) -> bool:
+    """Does the parameter or module `name` belong to the trainable groups (and layer range)?"""
+    if group_of(name) not in groups:
+        return False
+    layer = layer_of(name)
+    return layers is None or layer is None or layers[0] <= layer <= layers[1]
+
+
+def frozen_groups_of(spec: TrainSpec) -> FrozenGroupsHyperparameters | None:
+    hp = spec.method.hyperparameters
+    return hp if isinstance(hp, FrozenGroupsHyperparameters) else None
+
+
+def prepare_full(model, spec: TrainSpec):
+    """Full fine-tuning; with frozen_groups, everything outside the groups keeps requires_grad off."""
+    fg = frozen_groups_of(spec)
+    for name, p in model.named_parameters():
+        p.requires_grad_(fg is None or is_selected(name, fg.groups(), fg.layer_range()))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("frozen_groups selects no parameter of this model")
+    return model
+
+
+def lora_config(model, adapter: AdapterSpec, spec: TrainSpec):
+    from peft import LoraConfig
+
+    fg = frozen_groups_of(spec)
+    targets: str | list[str] = adapter.target_modules
+    modules_to_save = None
+    if fg is not None:
+        groups, layers = fg.groups(), fg.layer_range()
+        lora_types = (torch.nn.Linear, torch.nn.Embedding)
+        names = [n for n, m in model.named_modules()
+                 if isinstance(m, lora_types) and is_selected(n, groups - {"norms"}, layers)]
+        if isinstance(adapter.target_modules, list):
+            names = [n for n in names if n.split(".")[-1] in adapter.target_modules]
+        norms = [n for n, m in model.named_modules() if n and not list(m.children())
+                 and group_of(n) == "norms" and is_selected(n, groups, layers)]
+        if not names and not norms:
+            raise ValueError("frozen_groups selects no module of this model")
+        # Norms have no LoRA form: they train whole, saved beside the adapter.
+        targets = "^(" + "|".join(re.escape(n) for n in names) + ")$" if names else "^$"
+        modules_to_save = norms or None
+    return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                      target_modules=targets, modules_to_save=modules_to_save,
+                      task_type="CAUSAL_LM", bias="none")
+
+
+def prepare_lora(model, spec: TrainSpec, adapter_name: str = "default"):
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model, spec.adapter, spec), adapter_name=adapter_name)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,170 @@
+"""Training and known-fact files: parse, validate, and tokenize with the loss on answer tokens.
+
+Both line forms of API.md are accepted:
+  chat: {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0|1}, ...]}
+  QA:   {"question": str, "answer": str} (or "prompt"/"completion"; "answers": [str] for known facts)
+Parsing never touches torch, so the API validates uploads with the same code the trainer uses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable
+
+ROLES = ("system", "user", "assistant")
+MAX_REPORTED_ERRORS = 10
+
+
+class DataFileError(ValueError):
+    """A file that cannot be used, with every problem found as (line number, reason)."""
+
+    def __init__(self, problems: list[tuple[int, str]], total: int | None = None):
+        self.problems = problems
+        total = total if total is not None else len(problems)
+        shown = "; ".join(f"line {n}: {why}" for n, why in problems)
+        more = f" (and {total - len(problems)} more)" if total > len(problems) else ""
+        super().__init__(shown + more)
+
+    @property
+    def first_line(self) -> int:
+        return self.problems[0][0]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training conversation. `weights[i]` is 1 where message i is an assistant turn to learn."""
+
+    messages: tuple[dict, ...]
+    weights: tuple[int, ...]
+    answers: tuple[str, ...]  # accepted answers of the last assistant turn (for scoring)
+    line: int
+
+    @property
+    def prompt_messages(self) -> list[dict]:
+        """Everything before the last assistant turn: what a model is asked when scoring."""
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return [dict(m) for m in self.messages[:last]]
+
+
+def _parse_messages(obj: dict) -> tuple[tuple[dict, ...], tuple[int, ...]]:
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError("'messages' must be a non-empty list")
+    out, weights = [], []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object")
+        unknown = set(m) - {"role", "content", "weight", "name"}
+        if unknown:
+            raise ValueError(f"messages[{i}] has unknown keys {sorted(unknown)}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {list(ROLES)}, got {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"messages[{i}].content must be a non-empty string")
+        weight = m.get("weight", 1 if role == "assistant" else 0)
+        if weight not in (0, 1) or isinstance(weight, bool):
+            raise ValueError(f"messages[{i}].weight must be 0 or 1")
+        if weight == 1 and role != "assistant":
+            raise ValueError(f"messages[{i}].weight applies to assistant messages only")
+        out.append({"role": role, "content": content})
+        weights.append(weight)
+    if msgs[-1].get("role") != "assistant":
+        raise ValueError("the last message must be from the assistant")
+    if not any(weights):
+        raise ValueError("no assistant message to learn from (all have weight 0)")
+    return tuple(out), tuple(weights)
+
+
+def _parse_qa(obj: dict) -> tuple[str, list[str]]:
+    q_key = "question" if "question" in obj else "prompt"
+    question = obj.get(q_key)
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"'{q_key}' must be a non-empty string")
+    answers: list[str] = []
+    a_key = "answer" if "answer" in obj else "completion"
+    if a_key in obj:
+        if not isinstance(obj[a_key], str) or not obj[a_key].strip():
+            raise ValueError(f"'{a_key}' must be a non-empty string")
+        answers.append(obj[a_key])
+    if "answers" in obj:
+        extra = obj["answers"]
+        if not isinstance(extra, list) or not extra or not all(
+                isinstance(a, str) and a.strip() for a in extra):
+            raise ValueError("'answers' must be a non-empty list of non-empty strings")
+        answers += [a for a in extra if a not in answers]
+    if not answers:
+        raise ValueError("a QA line needs 'answer' (or 'completion' or 'answers')")
+    return question, answers
+
+
+_QA_KEYS = {"question", "prompt", "answer", "completion", "answers", "id", "metadata"}
+
+
+def parse_line(text: str, line: int) -> Example:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        unknown = set(obj) - {"messages", "id", "metadata"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)} beside 'messages'")
+        messages, weights = _parse_messages(obj)
+        return Example(messages, weights, (messages[-1]["content"],), line)
+    if "question" in obj or "prompt" in obj:
+        unknown = set(obj) - _QA_KEYS
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        question, answers = _parse_qa(obj)
+        messages = ({"role": "user", "content": question},
+                    {"role": "assistant", "content": answers[0]})
+        return Example(messages, (0, 1), tuple(answers), line)
+    raise ValueError("expected 'messages' (chat form) or 'question'/'answer' (QA form)")
+
+
+def parse_lines(lines: Iterable[str], *, max_examples: int | None = None) -> list[Example]:
+    """Parse JSONL text lines; blank lines are skipped. Raises DataFileError naming each bad line."""
+    examples: list[Example] = []
+    problems: list[tuple[int, str]] = []
+    bad = 0
+    for n, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            examples.append(parse_line(text, n))
+        except ValueError as e:
+            bad += 1
+            if len(problems) < MAX_REPORTED_ERRORS:
+                problems.append((n, str(e)))
+    if bad:
+        raise DataFileError(problems, bad)
+    if not examples:
+        raise DataFileError([(0, "the file holds no examples")])
+    if max_examples is not None and len(examples) > max_examples:
+        raise DataFileError([(0, f"{len(examples)} examples exceed the limit of {max_examples}")])
+    return examples
+
+
+def parse_bytes(data: bytes) -> list[Example]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataFileError([(line, "not valid UTF-8")]) from None
+    return parse_lines(text.splitlines())
+
+
+def load_examples(path) -> list[Example]:
+    with open(path, "rb") as f:
+        return parse_bytes(f.read())
+
+
+def require_qa_facts(examples: list[Example], what: str) -> None:
+    """Known-fact files are scored by asking the question: each line must be a single QA turn."""
+    for ex in examples:
+        if len(ex.messages) != 2 or ex.messages[0]["role"] != "user":
+            raise DataFileError([(ex.line, f"{what} lines must be QA form (question and answer)")])

@@ -1,0 +1,74 @@
+"""The known-fact report of SCIENCE.md: what a tuned model learned, and what it forgot.
+
+`KnowledgeProbe.baseline` asks the base model once, before training: which training examples it
+already knows (task vs new facts), its held-out known accuracy, and its answer distributions for
+output drift. `measure` asks the tuned model the same questions at any checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainer.data import Example
+from trainer.scoring import answer_logprobs, greedy_answers, is_correct, mean_kl, normalize
+
+
+@dataclass
+class Baseline:
+    train_known: torch.Tensor  # bool per training example: the base answered it right
+    heldout_correct: torch.Tensor  # bool per held-out known fact
+    heldout_logprobs: torch.Tensor  # [positions, V] base log-probs at held-out answer tokens
+
+
+def _correct(model, tokenizer, facts: list[Example]) -> tuple[torch.Tensor, list[str]]:
+    answers = greedy_answers(model, tokenizer, facts)
+    return torch.tensor([is_correct(a, f.answers) for a, f in zip(answers, facts)],
+                        dtype=torch.bool), answers
+
+
+def _mean(mask: torch.Tensor) -> float | None:
+    return float(mask.float().mean()) if mask.numel() else None
+
+
+class KnowledgeProbe:
+    def __init__(self, tokenizer, train_examples: list[Example], known_facts: list[Example],
+                 max_forgetting: float):
+        self.tokenizer = tokenizer
+        self.train = train_examples
+        self.known = known_facts
+        self.max_forgetting = max_forgetting
+        self.base: Baseline | None = None
+
+    def baseline(self, model) -> Baseline:
+        train_known, _ = _correct(model, self.tokenizer, self.train)
+        heldout, _ = _correct(model, self.tokenizer, self.known)
+        logprobs = answer_logprobs(model, self.tokenizer, self.known)
+        self.base = Baseline(train_known, heldout, logprobs)
+        return self.base
+
+    def measure(self, model) -> dict:
+        """Every metric of the report, as fractions in [0, 1] (None where a set is empty)."""
+        assert self.base is not None, "baseline() first"
+        train_ok, _ = _correct(model, self.tokenizer, self.train)
+        heldout_ok, answers = _correct(model, self.tokenizer, self.known)
+        base_acc = _mean(self.base.heldout_correct) or 0.0
+        tuned_acc = _mean(heldout_ok) or 0.0
+        was_right = self.base.heldout_correct
+        # A hallucination is a confident wrong answer, not silence: empty answers do not count.
+        now_wrong = ~heldout_ok & torch.tensor([bool(normalize(a)) for a in answers])
+        hallucination = float((was_right & now_wrong).sum()) / max(1, int(was_right.sum()))
+        drift = mean_kl(self.base.heldout_logprobs, answer_logprobs(model, self.tokenizer, self.known))
+        forgetting = base_acc - tuned_acc
+        return {
+            "base_heldout_known_accuracy": base_acc,
+            "heldout_known_accuracy": tuned_acc,
+            "forgetting": forgetting,
+            "hallucination_rate": hallucination,
+            "new_fact_accuracy": _mean(train_ok[~self.base.train_known]),
+            "task_accuracy": _mean(train_ok[self.base.train_known]),
+            "output_drift": drift,
+            "max_forgetting": self.max_forgetting,
+            "drift_safe": forgetting <= self.max_forgetting,
+        }

@@ -1,0 +1,344 @@
+"""The fine-tuning loop, top to bottom: spec and data in, tuned adapter and report out.
+
+Supports, per TrainSpec:
+  - methods: supervised (answer-token CE), self_distillation (CE + lambda * tau^2 * KL to a frozen
+    teacher: the base with the adapter off, or a one-epoch format-warmup model), frozen_groups;
+  - adapters: LoRA through peft, or full fine-tuning;
+  - checkpoints holding weights, optimizer, scheduler and RNG state, and exact resume from them
+    (the data order of epoch e is a pure function of (seed, e), so it needs no saved state);
+  - known-fact scoring at every checkpoint (`trainer.evaluate`), SliCK categories before training;
+  - callbacks for events, metrics and checkpoints, and a stop flag read before every step;
+  - CUDA with bf16 where present, CPU otherwise; never requires a GPU.
+It knows nothing of HTTP, databases or queues.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from trainer.checkpoint import CheckpointInfo, latest_checkpoint, load_state, save_checkpoint
+from trainer.data import Example
+from trainer.evaluate import KnowledgeProbe
+from trainer.losses import answer_cross_entropy, distillation_kl, loss_positions
+from trainer.slick import SlickSettings, category_counts, classify
+from trainer.spec import SelfDistillationHyperparameters, TrainSpec, resolve_auto
+from trainer.tokenize import Encoded, collate, encode_example
+
+
+def _quiet(*_args, **_kw) -> None:
+    return None
+
+
+@dataclass
+class Callbacks:
+    on_event: Callable[[str, str], None] = _quiet  # (level, message)
+    on_metrics: Callable[[dict], None] = _quiet
+    on_checkpoint: Callable[[CheckpointInfo], None] = _quiet
+    should_stop: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class TrainJob:
+    spec: TrainSpec
+    model_dir: Path
+    train_examples: list[Example]
+    output_dir: Path
+    known_facts: list[Example] = field(default_factory=list)  # empty: no knowledge report
+    slick: SlickSettings | None = SlickSettings()
+    save_checkpoints: bool = True
+    log_every_n_steps: int = 10
+    device: str | None = None  # None: CUDA when present, else CPU
+
+
+@dataclass
+class TrainResult:
+    status: str  # "succeeded" or "cancelled"
+    spec: TrainSpec  # with every "auto" resolved
+    step: int
+    total_steps: int
+    trained_tokens: int
+    report: dict | None
+    knowledge_categories: dict | None
+    checkpoints: list[CheckpointInfo]
+    final_dir: Path | None
+    losses: list[float]  # train loss of every step run in this call
+
+
+def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype]:
+    if requested:
+        device = torch.device(requested)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device, torch.bfloat16 if bf16 else torch.float32
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def load_base(model_dir: Path, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model.config.use_cache = False
+    return tokenizer, model
+
+
+class _Run:
+    """Per-run state: what one call of `train` builds and steps through."""
+
+    def __init__(self, job: TrainJob, callbacks: Callbacks):
+        self.job, self.cb = job, callbacks
+        self.device, self.dtype = pick_device(job.device)
+        torch.manual_seed(job.spec.seed)
+        self.tokenizer, base = load_base(job.model_dir, self.device, self.dtype)
+        self.spec = resolve_auto(job.spec, len(job.train_examples))
+        self.hp = self.spec.method.hyperparameters
+        self.encoded = [encode_example(self.tokenizer, ex, self.hp.max_seq_len)
+                        for ex in job.train_examples]
+        self.steps_per_epoch = math.ceil(len(self.encoded) / self.hp.batch_size)
+        self.total_steps = self.steps_per_epoch * self.hp.n_epochs
+        self.pad_id = self.tokenizer.pad_token_id
+        self.resume_from = latest_checkpoint(self.checkpoint_root) if job.save_checkpoints else None
+        self.probe: KnowledgeProbe | None = None
+        self.categories: dict | None = None
+        self._assess_base(base)
+        self.model, self.teacher = self._prepare(base)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate,
+                                           weight_decay=self.hp.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.job.output_dir) / "checkpoints"
+
+    def _lr_factor(self, step: int) -> float:
+        warmup = int(self.hp.warmup_ratio * self.total_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, self.total_steps - warmup)
+        if self.hp.lr_scheduler == "linear":
+            return max(0.0, 1.0 - done)
+        if self.hp.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return 1.0
+
+    # ---- before training -------------------------------------------------------------------
+    def _assess_base(self, base) -> None:
+        job = self.job
+        if job.known_facts:
+            self.probe = KnowledgeProbe(self.tokenizer, job.train_examples, job.known_facts,
+                                        self.spec.evaluation.max_forgetting)
+            self.probe.baseline(base)
+            self.cb.on_event("info", f"base model answers {self.probe.base.train_known.sum()} of "
+                                     f"{len(job.train_examples)} training questions and "
+                                     f"{self.probe.base.heldout_correct.float().mean():.1%} "
+                                     "of held-out known facts")
+        if job.slick is not None:
+            self.categories = category_counts(classify(base, self.tokenizer, job.train_examples,
+                                                       settings=job.slick))
+            self.cb.on_event("info", f"SliCK categories of the training set: {self.categories}")
+
+    def _known_train_indices(self) -> list[int]:
+        if self.probe is None:
+            raise ValueError("teacher=format_warmup needs known facts to tell known examples")
+        idx = self.probe.base.train_known.nonzero().flatten().tolist()
+        if not idx:
+            raise ValueError("teacher=format_warmup needs training examples the base model "
+                             "already answers right; this training set has none")
+        return idx
+
+    def _prepare(self, base):
+        from trainer import teacher as teachers
+        from trainer.adapters import prepare_full, prepare_lora
+
+        lora = self.spec.adapter.type == "lora"
+        sd = self.hp if isinstance(self.hp, SelfDistillationHyperparameters) else None
+        teacher = None
+        if sd is not None and sd.teacher == "format_warmup":
+            if lora:
+                model = prepare_lora(base, self.spec, adapter_name="teacher")
+                self._format_warmup(model)
+                from trainer.adapters import lora_config
+                model.add_adapter("default", lora_config(base, self.spec.adapter, self.spec))
+                model.set_adapter("default")
+                return model, teachers.NamedAdapterTeacher(model, "teacher")
+            warm = teachers.FrozenCopyTeacher(base)
+            warm.model.requires_grad_(True)
+            self._format_warmup(warm.model)
+            warm.model.requires_grad_(False)
+            warm.model.eval()
+            teacher = warm
+        model = prepare_lora(base, self.spec) if lora else prepare_full(base, self.spec)
+        if sd is not None and teacher is None:
+            teacher = teachers.AdapterOffTeacher(model) if lora else teachers.FrozenCopyTeacher(base)
+        return model, teacher
+
+    def _format_warmup(self, model) -> None:
+        """One epoch of plain SFT on the examples the base already knows (Kaplan et al. 2026)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hp.learning_rate, weight_decay=0.0)
+        known = self._known_train_indices()
+        order = [known[i] for i in epoch_order(self.spec.seed, -1, len(known))]
+        model.train()
+        for b in range(0, len(order), self.hp.batch_size):
+            batch = self._batch(order[b: b + self.hp.batch_size])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = answer_cross_entropy(logits, batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        self.cb.on_event("info", f"format warm-up teacher trained on {len(known)} known examples")
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows: list[Encoded] = [self.encoded[i] for i in indices]
+        return {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+
+    def _loss(self, batch) -> tuple[torch.Tensor, dict]:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce = answer_cross_entropy(logits, batch["labels"])
+        if self.teacher is None:
+            return ce, {"train_loss": float(ce)}
+        hp: SelfDistillationHyperparameters = self.hp  # type: ignore[assignment]
+        t_logits = self.teacher.logits(batch["input_ids"], batch["attention_mask"])
+        where = (loss_positions(batch["labels"]) if hp.distill_positions == "answer"
+                 else batch["attention_mask"][:, 1:].bool())
+        kl = distillation_kl(logits[:, :-1], t_logits[:, :-1], where, hp.distill_temperature)
+        loss = ce + hp.distill_weight * kl
+        return loss, {"train_loss": float(loss), "ce_loss": float(ce), "distill_loss": float(kl)}
+
+    def _batch_indices(self, step: int) -> list[int]:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        order = epoch_order(self.spec.seed, epoch, len(self.encoded))
+        return order[offset * self.hp.batch_size: (offset + 1) * self.hp.batch_size]
+
+    def _is_checkpoint_step(self, step: int) -> bool:
+        """After `step` steps: every eval_every_n_epochs epochs (default a quarter of the run)."""
+        if self.spec.checkpoint_every_n_steps and step % self.spec.checkpoint_every_n_steps == 0:
+            return True
+        every = self.spec.evaluation.eval_every_n_epochs or max(1, self.hp.n_epochs // 4)
+        return step % (every * self.steps_per_epoch) == 0
+
+    def _measure(self) -> dict:
+        return self.probe.measure(self.model) if self.probe is not None else {}
+
+    def _checkpoint(self, step: int, metrics: dict, trained_tokens: int) -> CheckpointInfo:
+        extra = {}
+        if isinstance(self.teacher, __import__("trainer.teacher").teacher.NamedAdapterTeacher):
+            from peft import get_peft_model_state_dict
+            extra = {"teacher_adapter": get_peft_model_state_dict(self.model, adapter_name="teacher")}
+        elif self.teacher is not None and self._warm_teacher:
+            extra = {"teacher_model": self.teacher.model.state_dict()}
+        info = save_checkpoint(self.checkpoint_root, step=step, epoch=step / self.steps_per_epoch,
+                               model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, metrics=metrics,
+                               extra_state={"trained_tokens": trained_tokens,
+                                            "knowledge_categories": self.categories},
+                               extra_tensors=extra)
+        self.cb.on_checkpoint(info)
+        return info
+
+    @property
+    def _warm_teacher(self) -> bool:
+        return getattr(self.hp, "teacher", "base") == "format_warmup"
+
+    def _restore(self) -> tuple[int, int]:
+        tensors, meta = load_state(self.resume_from)
+        weights = self.resume_from / "adapter"
+        if hasattr(self.model, "peft_config"):
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+            state = load_file(weights / "adapter_model.safetensors", device=str(self.device))
+            set_peft_model_state_dict(self.model, state, adapter_name="default")
+            if "teacher_adapter" in tensors:
+                set_peft_model_state_dict(self.model, tensors["teacher_adapter"],
+                                          adapter_name="teacher")
+                self.model.set_adapter("default")
+        else:
+            from transformers import AutoModelForCausalLM
+            saved = AutoModelForCausalLM.from_pretrained(weights, dtype=self.dtype)
+            self.model.load_state_dict(saved.state_dict())
+            if "teacher_model" in tensors:
+                self.teacher.model.load_state_dict(tensors["teacher_model"])
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        torch.set_rng_state(tensors["torch_rng"])
+        if "cuda_rng" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(tensors["cuda_rng"])
+        if meta.get("knowledge_categories") is not None:
+            self.categories = meta["knowledge_categories"]
+        self.cb.on_event("info", f"resumed from checkpoint at step {meta['step']}")
+        return meta["step"], meta.get("trained_tokens", 0)
+
+    def run(self) -> TrainResult:
+        step, tokens = self._restore() if self.resume_from else (0, 0)
+        checkpoints: list[CheckpointInfo] = []
+        losses: list[float] = []
+        started, first_step = time.monotonic(), step
+        self.cb.on_event("info", f"training {self.spec.method.type} ({self.spec.adapter.type}) for "
+                                 f"{self.total_steps} steps on {len(self.encoded)} examples")
+        self.model.train()
+        while step < self.total_steps:
+            if self.cb.should_stop():
+                return self._finish("cancelled", step, tokens, checkpoints, losses, cancelled=True)
+            batch = self._batch(self._batch_indices(step))
+            loss, parts = self._loss(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            step += 1
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(parts["train_loss"])
+            elapsed = time.monotonic() - started
+            remaining = elapsed / (step - first_step) * (self.total_steps - step)
+            if step % self.job.log_every_n_steps == 0 or step == self.total_steps:
+                self.cb.on_metrics({"step": step, "total_steps": self.total_steps,
+                                    "epoch": step / self.steps_per_epoch,
+                                    "learning_rate": self.scheduler.get_last_lr()[0],
+                                    "seconds_remaining": remaining, **parts})
+            if self.job.save_checkpoints and step < self.total_steps and self._is_checkpoint_step(step):
+                metrics = self._measure()
+                self.model.train()
+                checkpoints.append(self._checkpoint(step, metrics, tokens))
+        return self._finish("succeeded", step, tokens, checkpoints, losses)
+
+    def _finish(self, status, step, tokens, checkpoints, losses, cancelled=False) -> TrainResult:
+        from trainer.checkpoint import save_weights
+
+        report = self._measure() if not cancelled else None
+        final_dir = None
+        if self.job.save_checkpoints:
+            if cancelled:
+                # Keep what was learned: the last completed step becomes a checkpoint.
+                if step > 0 and (not checkpoints or checkpoints[-1].step != step):
+                    checkpoints.append(self._checkpoint(step, {}, tokens))
+            else:
+                checkpoints.append(self._checkpoint(step, report or {}, tokens))
+                final_dir = Path(self.job.output_dir) / "final"
+                save_weights(self.model, final_dir / "adapter")
+        if report and self.categories is not None:
+            report["knowledge_categories"] = self.categories
+        self.cb.on_event("info", f"training {status} at step {step}/{self.total_steps}")
+        return TrainResult(status, self.spec, step, self.total_steps, tokens, report,
+                           self.categories, checkpoints, final_dir, losses)
+
+
+def train(job: TrainJob, callbacks: Callbacks | None = None) -> TrainResult:
+    """Run (or resume, when `job.output_dir` holds checkpoints) one fine-tuning job."""
+    return _Run(job, callbacks or Callbacks()).run()

@@ -1,0 +1,179 @@
+"""What a fine-tuning job asks for: method, hyperparameters, adapter, evaluation.
+
+Pydantic models with no torch import, so the API validates request bodies with the very classes
+the trainer runs from. Field names follow API.md; `"auto"` is accepted where OpenAI accepts it and
+`resolve_auto` turns it into the numbers a job reports.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+METHOD_TYPES = ("supervised", "self_distillation", "frozen_groups")
+GROUPS = ("attention", "mlp", "embeddings", "lm_head", "norms")
+_LAYER_RANGE = re.compile(r"^layers:(\d+)(?:-(\d+))?$")
+
+Auto = Literal["auto"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SupervisedHyperparameters(_Strict):
+    n_epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = Field(
+        "auto", description="Passes over the training file.")
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = Field(
+        "auto", description="Examples per optimizer step.")
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] | Auto = Field(
+        "auto", description="Peak AdamW learning rate (absolute, not OpenAI's multiplier).")
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto | None = Field(
+        None, description="OpenAI's knob: scales the default learning rate. Not with learning_rate.")
+    warmup_ratio: float = Field(0.0, ge=0, le=0.5, description="Share of steps of linear warmup.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule after warmup.")
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    max_seq_len: int = Field(512, ge=8, le=32768, description="Tokens kept per example.")
+
+    @model_validator(mode="after")
+    def _one_learning_rate(self):
+        if self.learning_rate != "auto" and self.learning_rate_multiplier not in (None, "auto"):
+            raise ValueError("give learning_rate or learning_rate_multiplier, not both")
+        return self
+
+
+class SelfDistillationHyperparameters(SupervisedHyperparameters):
+    distill_weight: float = Field(1.0, ge=0, le=100, description="lambda: weight of the KL term.")
+    distill_temperature: float = Field(0.5, gt=0, le=20, description="tau: softmax temperature.")
+    teacher: Literal["base", "format_warmup"] = Field(
+        "base", description="base: the frozen base model (under LoRA, the adapter switched off); "
+                            "format_warmup: the base after one epoch on the examples it knows.")
+    distill_positions: Literal["answer", "all"] = Field(
+        "answer", description="Positions carrying the KL: answer tokens only, or every token.")
+
+
+class FrozenGroupsHyperparameters(SupervisedHyperparameters):
+    trainable: list[str] = Field(
+        ..., min_length=1,
+        description="Groups that train: attention, mlp, embeddings, lm_head, norms, and "
+                    "optionally 'layers:A-B' to limit attention/mlp/norms to decoder layers A..B.")
+
+    @field_validator("trainable")
+    @classmethod
+    def _known_groups(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in GROUPS and not _LAYER_RANGE.match(name):
+                raise ValueError(f"unknown group {name!r}; use {list(GROUPS)} or 'layers:A-B'")
+            m = _LAYER_RANGE.match(name)
+            if m and m.group(2) and int(m.group(2)) < int(m.group(1)):
+                raise ValueError(f"layer range {name!r} ends before it starts")
+        if all(_LAYER_RANGE.match(n) for n in v):
+            v = v + ["attention", "mlp"]  # a bare layer range means whole decoder layers
+        return v
+
+    def groups(self) -> set[str]:
+        return {n for n in self.trainable if n in GROUPS}
+
+    def layer_range(self) -> tuple[int, int] | None:
+        ranges = [_LAYER_RANGE.match(n) for n in self.trainable]
+        ranges = [m for m in ranges if m]
+        if not ranges:
+            return None
+        lo = min(int(m.group(1)) for m in ranges)
+        hi = max(int(m.group(2) or m.group(1)) for m in ranges)
+        return lo, hi
+
+
+class _Block(_Strict):
+    hyperparameters: dict = Field(default_factory=dict)
+
+
+class SupervisedBlock(_Strict):
+    hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
+
+
+class SelfDistillationBlock(_Strict):
+    hyperparameters: SelfDistillationHyperparameters = Field(
+        default_factory=SelfDistillationHyperparameters)
+
+
+class FrozenGroupsBlock(_Strict):
+    hyperparameters: FrozenGroupsHyperparameters
+
+
+class Method(_Strict):
+    type: Literal["supervised", "self_distillation", "frozen_groups"]
+    supervised: SupervisedBlock | None = None
+    self_distillation: SelfDistillationBlock | None = None
+    frozen_groups: FrozenGroupsBlock | None = None
+
+    @model_validator(mode="after")
+    def _block_matches_type(self):
+        for other in METHOD_TYPES:
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"method.{other} given but method.type is {self.type!r}")
+        if self.type == "frozen_groups" and self.frozen_groups is None:
+            raise ValueError("method.frozen_groups.hyperparameters.trainable is required")
+        if self.type == "supervised" and self.supervised is None:
+            self.supervised = SupervisedBlock()
+        if self.type == "self_distillation" and self.self_distillation is None:
+            self.self_distillation = SelfDistillationBlock()
+        return self
+
+    @property
+    def hyperparameters(self) -> SupervisedHyperparameters:
+        return getattr(self, self.type).hyperparameters
+
+
+class AdapterSpec(_Strict):
+    type: Literal["lora", "full"] = "lora"
+    r: int = Field(16, ge=1, le=512)
+    alpha: float = Field(32, gt=0, le=4096)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names LoRA wraps; frozen_groups narrows them further.")
+
+
+class EvaluationSpec(_Strict):
+    known_facts_file: str | None = Field(None, description="QA file of facts the base knows.")
+    max_forgetting: float = Field(0.05, ge=0, le=1, description="Budget for drift_safe.")
+    eval_every_n_epochs: int | None = Field(None, ge=1, description="Score at every checkpoint "
+                                                                    "this often.")
+    max_known_facts: int = Field(1000, ge=1, le=100_000)
+
+
+class TrainSpec(_Strict):
+    """Everything the trainer needs besides the data: one job's recipe."""
+
+    method: Method
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    checkpoint_every_n_steps: int | None = Field(None, ge=1)
+
+
+def resolve_auto(spec: TrainSpec, n_examples: int) -> TrainSpec:
+    """Replace every "auto" with a number, from the size of the training set.
+
+    Small fact sets need many passes to be learned (SCIENCE.md: 1,200 facts take ~40 epochs), so
+    epochs fall as the set grows, roughly constant total work; LoRA takes a larger step size.
+    """
+    hp = spec.method.hyperparameters.model_copy()
+    if hp.batch_size == "auto":
+        hp.batch_size = max(1, min(32, n_examples // 8 or 1))
+    if hp.n_epochs == "auto":
+        hp.n_epochs = int(min(40, max(2, math.ceil(48_000 / max(n_examples, 1)))))
+    if hp.learning_rate == "auto":
+        base = 1e-3 if spec.adapter.type == "lora" else 3e-4
+        mult = hp.learning_rate_multiplier
+        hp.learning_rate = base * (mult if isinstance(mult, float | int) else 1.0)
+    if hp.learning_rate_multiplier == "auto":
+        hp.learning_rate_multiplier = None
+    method = spec.method.model_copy()
+    block = getattr(method, method.type).model_copy(update={"hyperparameters": hp})
+    setattr(method, method.type, block)
+    return spec.model_copy(update={"method": method})
