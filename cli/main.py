@@ -54,10 +54,42 @@ def _bench(sub) -> None:
     speed.set_defaults(func=lambda a: __import__("bench.speed", fromlist=["x"]).main(a))
 
 
+def _api(module: str, name: str):
+    return lambda a: getattr(__import__(module, fromlist=["x"]), name)(a)
+
+
+def _service(sub) -> None:
+    serve = sub.add_parser("serve", help="run a server process")
+    ssub = serve.add_subparsers(dest="serve_cmd", required=True)
+    api = ssub.add_parser("api", help="the HTTP API (uvicorn); runs migrations first")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--log-level", default="info")
+    api.set_defaults(func=_api("api.cli", "serve_api"))
+    worker = ssub.add_parser("worker", help="a Celery worker: one job at a time")
+    worker.add_argument("--name", default=None, help="worker node name")
+    worker.set_defaults(func=_api("worker.cli", "serve_worker"))
+
+    tenants = sub.add_parser("tenants", help="manage tenants")
+    tsub = tenants.add_subparsers(dest="tenants_cmd", required=True)
+    tc = tsub.add_parser("create", help="create a tenant; prints its first API key once, last")
+    tc.add_argument("name")
+    tc.set_defaults(func=_api("api.cli", "tenants_create"))
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    ksub = keys.add_subparsers(dest="keys_cmd", required=True)
+    kc = ksub.add_parser("create", help="a new key for a tenant, printed once, last")
+    kc.add_argument("--tenant", required=True)
+    kc.set_defaults(func=_api("api.cli", "keys_create"))
+    kr = ksub.add_parser("revoke", help="revoke a key by its id (key_...)")
+    kr.add_argument("key_id")
+    kr.set_defaults(func=_api("api.cli", "keys_revoke"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="driftsafe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_world, _train, _bench):
+    for add in (_world, _train, _bench, _service):
         add(sub)
     return parser
 

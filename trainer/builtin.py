@@ -43,10 +43,11 @@ class BaseModelConfig:
     layers: int = 4
     heads: int = 4
     max_epochs: int = 200
-    batch_size: int = 16
-    learning_rate: float = 2e-3
+    batch_size: int = 32
+    learning_rate: float = 1e-3
     target_accuracy: float = 0.995  # stop once this share of known facts is answered right
     check_every: int = 5  # epochs between accuracy checks
+    loss_on_all_tokens: bool = True
     max_turns: int = 1  # >1 packs facts into multi-turn chats, for few-shot prompting
 
 
@@ -117,7 +118,7 @@ def train_base_model(model, tokenizer, world: World, config: BaseModelConfig, se
                      log=print) -> None:
     """Memorise every known fact: full training from scratch, answers only carry loss."""
     from trainer.losses import answer_cross_entropy
-    from trainer.tokenize import Encoded, collate
+    from trainer.tokenize import IGNORE, Encoded, collate
 
     from trainer.scoring import accuracy
 
@@ -143,7 +144,9 @@ def train_base_model(model, tokenizer, world: World, config: BaseModelConfig, se
             batch = collate(convs[b: b + config.batch_size], tokenizer.pad_token_id)
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
-            loss = answer_cross_entropy(logits, batch["labels"])
+            # Pretraining: every token carries loss, so names are learned as entities too.
+            targets = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+            loss = answer_cross_entropy(logits, targets if config.loss_on_all_tokens else batch["labels"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -167,7 +170,7 @@ def _write_world(out: Path, world: World, build: BuildConfig, log=print) -> None
     tokenizer = build_tokenizer(world)
     model = build_model(tokenizer, build.model, build.world.seed)
     train_base_model(model, tokenizer, world, build.model, build.world.seed, log=log)
-    heldout_acc = accuracy(model, tokenizer, [f.to_qa() for f in world.heldout_known]).mean()
+    heldout_acc = accuracy(model, tokenizer, [f.to_qa() for f in world.heldout_known]).float().mean()
     log(f"base model: held-out known accuracy {heldout_acc:.3f}")
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

@@ -112,7 +112,7 @@ class World:
             "heldout_known": [f.fact_id for f in self.heldout_known],
             "facts": {
                 f.fact_id: {"entity": f.entity, "relation": f.relation, "answer": f.answer,
-                            "key_kind": f.key_kind}
+                            "key_kind": f.key_kind, "question": f.question(0)}
                 for f in self.known + self.train_new_names + self.train_new_uuids
             },
         }

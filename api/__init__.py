@@ -1,0 +1,1 @@
+"""HTTP only: routes, wire schemas, auth, errors. Never imports torch."""

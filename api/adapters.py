@@ -1,0 +1,53 @@
+"""Adapter downloads: a zip of PEFT's own files plus a driftsafe.json report."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+from fastapi.responses import Response
+from sqlalchemy.orm import Session
+
+from api.errors import APIError
+from api.schemas import checkpoint_object, job_object
+from api.tenancy import Scoped
+from store.artifacts import ArtifactStore
+from store.models import Checkpoint, Job
+
+
+def pick_checkpoint(session: Session, scoped: Scoped, job: Job, select: str) -> Checkpoint:
+    query = scoped.select(Checkpoint).where(Checkpoint.job_id == job.id)
+    if select == "drift_safe":
+        query = query.where(Checkpoint.drift_safe.is_(True))
+    ckpt = session.scalar(query.order_by(Checkpoint.step_number.desc()).limit(1))
+    if ckpt is None:
+        if select == "drift_safe":
+            budget = job.spec.get("evaluation", {}).get("max_forgetting")
+            raise APIError(404, f"No checkpoint of job '{job.id}' is within its forgetting budget "
+                                f"(max_forgetting={budget}); every scored checkpoint forgot more.",
+                           code="no_drift_safe_checkpoint")
+        raise APIError(404, f"Job '{job.id}' has no adapter yet (status {job.status}).",
+                       code="adapter_not_ready")
+    return ckpt
+
+
+def adapter_response(artifacts: ArtifactStore, job: Job, ckpt: Checkpoint) -> Response:
+    folder = artifacts.path(ckpt.storage_path) / "adapter"
+    if not folder.is_dir():
+        raise APIError(404, f"The adapter files of checkpoint '{ckpt.id}' are gone.",
+                       code="adapter_missing")
+    report = {"job": job_object(job), "checkpoint": checkpoint_object(ckpt, job),
+              "base_model": job.model,
+              "usage": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
+                       "this_folder); ask with tokenizer.apply_chat_template(messages, "
+                       "add_generation_prompt=True) and greedy decoding"}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(folder).as_posix())
+        zf.writestr("driftsafe.json", json.dumps(report, indent=1, default=str))
+    name = f"{job.id}-step{ckpt.step_number}.zip"
+    return Response(buf.getvalue(), media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})

@@ -1,0 +1,48 @@
+"""/v1/webhooks: a tenant registers URLs that receive signed job-finished events."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.deps import CurrentTenant, SessionDep
+from api.idempotency import IdempotencyDep
+from api.schemas import ListOf, WebhookCreate, webhook_object
+from api.tenancy import Scoped, list_body
+from store.models import WebhookEndpoint
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+ALL_EVENTS = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
+
+
+@router.post("", summary="Register a webhook endpoint (its signing secret is shown once)")
+def create_webhook(body: WebhookCreate, session: SessionDep, tenant: CurrentTenant,
+                   idem: IdempotencyDep):
+    def produce() -> JSONResponse:
+        secret = "whsec_" + secrets.token_urlsafe(32)
+        row = WebhookEndpoint(tenant_id=tenant.id, url=body.url, secret=secret,
+                              events=body.events or ALL_EVENTS)
+        session.add(row)
+        session.commit()
+        return JSONResponse(webhook_object(row, secret))
+
+    return idem.run(body.model_dump(), produce)
+
+
+@router.get("", response_model=ListOf, summary="List webhook endpoints")
+def list_webhooks(session: SessionDep, tenant: CurrentTenant, after: str | None = None,
+                  limit: int = 20):
+    scoped = Scoped(session, tenant)
+    rows, more = scoped.page(scoped.select(WebhookEndpoint), WebhookEndpoint, after=after,
+                             limit=limit)
+    return list_body([webhook_object(w) for w in rows], more)
+
+
+@router.delete("/{webhook_id}", summary="Delete a webhook endpoint")
+def delete_webhook(webhook_id: str, session: SessionDep, tenant: CurrentTenant):
+    row = Scoped(session, tenant).get(WebhookEndpoint, webhook_id, "webhook endpoint")
+    session.delete(row)
+    session.commit()
+    return {"id": webhook_id, "object": "webhook_endpoint", "deleted": True}

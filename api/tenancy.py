@@ -1,0 +1,49 @@
+"""The one path by which routes read tenant data: every query is scoped to the caller's tenant,
+so isolation cannot be forgotten route by route. Another tenant's object is simply not found."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from api.errors import APIError, not_found
+from store.models import Tenant
+
+T = TypeVar("T")
+
+
+class Scoped:
+    def __init__(self, session: Session, tenant: Tenant):
+        self.session, self.tenant = session, tenant
+
+    def select(self, model: type[T]) -> Select:
+        return select(model).where(model.tenant_id == self.tenant.id)
+
+    def find(self, model: type[T], object_id: str) -> T | None:
+        return self.session.scalar(self.select(model).where(model.id == object_id))
+
+    def get(self, model: type[T], object_id: str, what: str, param: str | None = None) -> T:
+        row = self.find(model, object_id)
+        if row is None:
+            raise not_found(what, object_id, param)
+        return row
+
+    def page(self, query: Select, model, *, after: str | None, limit: int) -> tuple[list, bool]:
+        """Newest first; `after` is the id of the last object of the previous page."""
+        if not 1 <= limit <= 100:
+            raise APIError(400, "limit must be between 1 and 100.", param="limit")
+        if after:
+            cursor = self.find(model, after)
+            if cursor is None:
+                raise APIError(400, f"No object with id '{after}' to page after.", param="after")
+            query = query.where(model.seq < cursor.seq)
+        rows = list(self.session.scalars(query.order_by(model.seq.desc()).limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+
+def list_body(data: list[dict], has_more: bool) -> dict:
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}

@@ -1,0 +1,116 @@
+"""`driftsafe bench paper`: the paper's table (Kaplan et al. 2026, Table 1) on the fact world.
+
+Each row fine-tunes the built-in base model of the world of `--seed`, the whole model as the paper
+did, and scores it on the same held-out known facts. Rows:
+  sft                plain SFT on known + name-key new facts
+  self_distillation  SFT + KL to the frozen base (lambda=1, tau=0.5)
+  attention_only     attention trains, MLP (and everything else) frozen
+  mlp_only           MLP trains, attention (and everything else) frozen
+  known_only         SFT on the known training facts alone
+  sft_name_keys      SFT on train.jsonl: known + new facts with name-like keys (the sft run)
+  sft_uuid_keys      SFT on train_uuid.jsonl: the same known facts + as many UUID-key new facts
+`--lora` adds LoRA rows for SFT and self-distillation (the service's default adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from trainer.data import load_examples
+from trainer.spec import TrainSpec
+
+EPOCHS, BATCH, LR_FULL, LR_LORA = 40, 32, 3e-4, 1e-3
+COLUMNS = ("task_accuracy", "new_fact_accuracy", "base_heldout_known_accuracy",
+           "heldout_known_accuracy", "forgetting")
+
+
+def _spec(method: str, *, adapter: str = "full", lr: float = LR_FULL, seed: int = 0, **extra) -> TrainSpec:
+    hp = {"n_epochs": EPOCHS, "batch_size": BATCH, "learning_rate": lr, **extra}
+    return TrainSpec.model_validate({"method": {"type": method, method: {"hyperparameters": hp}},
+                                     "adapter": {"type": adapter}, "seed": seed})
+
+
+def runs(seed: int, lora: bool) -> list[tuple[str, str, TrainSpec, str]]:
+    """(run, method label, spec, which training file) for every row."""
+    rows = [
+        ("sft", "supervised", _spec("supervised", seed=seed), "mixed"),
+        ("self_distillation", "self_distillation λ=1 τ=0.5",
+         _spec("self_distillation", seed=seed, distill_weight=1.0, distill_temperature=0.5), "mixed"),
+        ("attention_only", "frozen_groups [attention]",
+         _spec("frozen_groups", seed=seed, trainable=["attention"]), "mixed"),
+        ("mlp_only", "frozen_groups [mlp]", _spec("frozen_groups", seed=seed, trainable=["mlp"]),
+         "mixed"),
+        ("known_only", "supervised", _spec("supervised", seed=seed), "known"),
+        ("sft_name_keys", "supervised", _spec("supervised", seed=seed), "mixed"),
+        ("sft_uuid_keys", "supervised", _spec("supervised", seed=seed), "uuid_mixed"),
+    ]
+    if lora:
+        rows += [
+            ("lora_sft", "supervised (LoRA r=16)",
+             _spec("supervised", adapter="lora", lr=LR_LORA, seed=seed), "mixed"),
+            ("lora_self_distillation", "self_distillation (LoRA r=16)",
+             _spec("self_distillation", adapter="lora", lr=LR_LORA, seed=seed), "mixed"),
+        ]
+    return rows
+
+
+def training_sets(world_dir: Path) -> dict[str, list]:
+    """The training sets, from the world's files (name and UUID files hold equal counts)."""
+    world = json.loads((world_dir / "world.json").read_text())
+    known_questions = {world["facts"][i]["question"] for i in world["train_known"]}
+    mixed = load_examples(world_dir / "train.jsonl")
+    return {"mixed": mixed, "uuid_mixed": load_examples(world_dir / "train_uuid.jsonl"),
+            "known": [e for e in mixed if e.messages[0]["content"] in known_questions]}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| run | method | task acc | new-fact acc | base held-out | tuned held-out | forgetting |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.1f}%"
+
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['method']} | {pct(r['task_accuracy'])} | "
+                     f"{pct(r['new_fact_accuracy'])} | {pct(r['base_heldout_known_accuracy'])} | "
+                     f"{pct(r['heldout_known_accuracy'])} | {100 * r['forgetting']:.1f} pts |")
+    return "\n".join(lines)
+
+
+def run_paper(seed: int, lora: bool = False, log=print) -> list[dict]:
+    from trainer.builtin import BuildConfig, ensure_world
+    from trainer.loop import TrainJob, train
+    from trainer.world import WorldConfig
+
+    world_dir = ensure_world(BuildConfig(world=WorldConfig(seed=seed)), log=log)
+    sets = training_sets(world_dir)
+    known = load_examples(world_dir / "heldout_known.jsonl")
+    rows: list[dict] = []
+    for run, label, spec, which in runs(seed, lora):
+        same = next((r for r in rows if r["spec"] == (spec, which)), None)
+        if same is not None:  # sft_name_keys is the sft run itself: report it, don't rerun it
+            rows.append({**same, "run": run, "method": label})
+            continue
+        started = time.monotonic()
+        with TemporaryDirectory() as out:
+            result = train(TrainJob(spec=spec, model_dir=world_dir / "model",
+                                    train_examples=sets[which], known_facts=known,
+                                    output_dir=Path(out), slick=None, save_checkpoints=False))
+        row = {"run": run, "method": label, **{k: result.report[k] for k in COLUMNS},
+               "seconds": round(time.monotonic() - started, 1), "spec": (spec, which)}
+        rows.append(row)
+        log(f"{run}: new {row['new_fact_accuracy']}, held-out {row['heldout_known_accuracy']:.3f}, "
+            f"forgetting {row['forgetting']:.3f} ({row['seconds']}s)")
+    return [{k: v for k, v in r.items() if k != "spec"} for r in rows]
+
+
+def main(args) -> int:
+    rows = run_paper(args.seed, lora=args.lora, log=lambda m: print(m, file=sys.stderr))
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"seed": args.seed, "rows": rows}, indent=1))
+    return 0

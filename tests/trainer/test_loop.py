@@ -1,0 +1,122 @@
+"""Every method on the built-in model at tiny sizes, checkpoints, resume, cancel, adapters."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trainer.loop import Callbacks, TrainJob, train
+from trainer.scoring import greedy_answers
+from trainer.spec import TrainSpec
+
+
+def spec(method="supervised", adapter="lora", epochs=1, batch=16, lr=1e-3, **hp):
+    return TrainSpec.model_validate({
+        "method": {"type": method, method: {"hyperparameters": {
+            "n_epochs": epochs, "batch_size": batch, "learning_rate": lr, **hp}}},
+        "adapter": {"type": adapter}, "seed": 5})
+
+
+def job(world, examples, out, s, n=48, known=32, **kw):
+    return TrainJob(spec=s, model_dir=world / "model", train_examples=examples["train"][:n],
+                    known_facts=examples["known"][:known], output_dir=out, **kw)
+
+
+METHODS = [
+    ("supervised", "lora", {}),
+    ("supervised", "full", {}),
+    ("self_distillation", "lora", {}),
+    ("self_distillation", "full", {}),
+    ("self_distillation", "lora", {"teacher": "format_warmup", "distill_positions": "all"}),
+    ("self_distillation", "full", {"teacher": "format_warmup"}),
+    ("frozen_groups", "lora", {"trainable": ["attention", "norms"]}),
+    ("frozen_groups", "full", {"trainable": ["mlp", "layers:1-2"]}),
+]
+
+
+@pytest.mark.parametrize("method, adapter, hp", METHODS)
+def test_every_method_trains_and_reports(builtin_world, builtin_examples, tmp_path, method,
+                                         adapter, hp):
+    result = train(job(builtin_world, builtin_examples, tmp_path, spec(method, adapter, **hp)))
+    assert result.status == "succeeded" and result.step == result.total_steps == 3
+    assert all(math.isfinite(x) for x in result.losses)
+    report = result.report
+    for key in ("base_heldout_known_accuracy", "heldout_known_accuracy", "forgetting",
+                "hallucination_rate", "new_fact_accuracy", "task_accuracy", "output_drift",
+                "drift_safe", "max_forgetting", "knowledge_categories"):
+        assert key in report
+    assert report["base_heldout_known_accuracy"] >= 0.9
+    assert sum(report["knowledge_categories"].values()) == 48
+    assert (result.final_dir / "adapter").is_dir()
+
+
+def test_self_distillation_teacher_is_the_base_with_the_adapter_off(builtin_world,
+                                                                     builtin_examples, tmp_path):
+    seen = []
+    cb = Callbacks(on_metrics=seen.append)
+    train(job(builtin_world, builtin_examples, tmp_path, spec("self_distillation"),
+              log_every_n_steps=1, slick=None), cb)
+    # LoRA's B starts at zero, so at step 1 the student *is* the base: the KL must be zero.
+    assert seen[0]["distill_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert seen[-1]["distill_loss"] > 0
+
+
+def test_zero_distill_weight_follows_plain_sft_exactly(builtin_world, builtin_examples, tmp_path):
+    sft = train(job(builtin_world, builtin_examples, tmp_path / "a", spec(), slick=None))
+    sd0 = train(job(builtin_world, builtin_examples, tmp_path / "b",
+                    spec("self_distillation", distill_weight=0.0), slick=None))
+    assert sd0.losses == sft.losses
+
+
+def test_frozen_parameters_are_bit_identical_after_training(builtin_world, builtin_examples,
+                                                            tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(builtin_world / "model").state_dict()
+    result = train(job(builtin_world, builtin_examples, tmp_path,
+                       spec("frozen_groups", "full", lr=1e-2, trainable=["attention"]), slick=None))
+    tuned = AutoModelForCausalLM.from_pretrained(result.final_dir / "adapter").state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(".self_attn." in k for k in changed)
+    assert {k for k in base if ".self_attn." in k and k.endswith("weight")} == changed
+
+
+def test_lora_leaves_base_weights_untouched_and_adapter_reloads_exactly(
+        builtin_world, builtin_examples, tmp_path):
+    from peft import PeftModel
+
+    result = train(job(builtin_world, builtin_examples, tmp_path, spec(epochs=3, lr=3e-3),
+                       known=200, slick=None))
+    tok = AutoTokenizer.from_pretrained(builtin_world / "model")
+    base = AutoModelForCausalLM.from_pretrained(builtin_world / "model")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    loaded = PeftModel.from_pretrained(base, result.final_dir / "adapter")
+    facts = builtin_examples["known"][:200]
+    answers = greedy_answers(loaded, tok, facts)
+    right = sum(a.strip() == f.answers[0] for a, f in zip(answers, facts)) / len(facts)
+    assert right == pytest.approx(result.report["heldout_known_accuracy"])
+    with loaded.disable_adapter():
+        assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()
+                   if "lora" not in k and k in before)
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(builtin_world, builtin_examples,
+                                                           tmp_path):
+    s = spec("self_distillation", epochs=2, batch=16).model_copy(update={"checkpoint_every_n_steps": 2})
+    whole = train(job(builtin_world, builtin_examples, tmp_path / "whole", s, slick=None))
+    calls = {"n": 0}
+
+    def stop_after_three():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    cut = train(job(builtin_world, builtin_examples, tmp_path / "cut", s, slick=None),
+                Callbacks(should_stop=stop_after_three))
+    assert cut.status == "cancelled" and cut.step == 3
+    assert cut.checkpoints[-1].step == 3  # cancelling keeps the last completed step
+    resumed = train(job(builtin_world, builtin_examples, tmp_path / "cut", s, slick=None))
+    assert resumed.status == "succeeded"
+    assert cut.losses + resumed.losses == whole.losses
+    from safetensors.torch import load_file
+    a = load_file(whole.final_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed.final_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
