@@ -26,6 +26,12 @@ TTL_SECONDS = 24 * 3600
 MAX_KEY_LENGTH = 255
 
 
+def fingerprint(route: str, body: object) -> str:
+    """What "the same request" means: the route and a canonical form of its body."""
+    blob = json.dumps([route, body], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 class Idempotency:
     def __init__(self, request: Request, tenant: CurrentTenant):
         self.key = request.headers.get("idempotency-key")
@@ -76,9 +82,7 @@ class Idempotency:
     def run(self, body_fingerprint: object, produce: Callable[[], JSONResponse]) -> Response:
         if self.key is None:
             return produce()
-        blob = json.dumps([self.route, body_fingerprint], sort_keys=True, default=str)
-        fingerprint = hashlib.sha256(blob.encode()).hexdigest()
-        replay = self._claim(fingerprint)
+        replay = self._claim(fingerprint(self.route, body_fingerprint))
         if replay is not None:
             return replay
         try:

@@ -1,0 +1,73 @@
+"""Real processes for end-to-end tests: a uvicorn API (and, later, workers) on free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+DRIFTSAFE = [sys.executable, "-m", "cli.main"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(settings) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTSAFE_")}
+    env["DRIFTSAFE_DATA_DIR"] = str(settings.data_dir)
+    env["DRIFTSAFE_SECRET_KEY"] = settings.secret_key or "test-secret"
+    if settings.database_url:
+        env["DRIFTSAFE_DATABASE_URL"] = settings.database_url
+    if settings.broker_url:
+        env["DRIFTSAFE_BROKER_URL"] = settings.broker_url
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def cli(settings, *args: str) -> str:
+    out = subprocess.run([*DRIFTSAFE, *args], env=env_for(settings), cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout
+
+
+def new_tenant_key(settings, name: str) -> str:
+    """`driftsafe tenants create NAME` prints the key alone on its last line."""
+    return cli(settings, "tenants", "create", name).strip().splitlines()[-1]
+
+
+@contextmanager
+def running_api(settings, log_path: Path):
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*DRIFTSAFE, "serve", "api", "--port", str(port)],
+                                env=env_for(settings), cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(url + "/healthz", timeout=2).status_code in (200, 503):
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"API did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
