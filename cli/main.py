@@ -70,6 +70,20 @@ def _service(sub) -> None:
     worker.add_argument("--name", default=None, help="worker node name")
     worker.set_defaults(func=_api("worker.cli", "serve_worker"))
 
+    up = sub.add_parser("up", help="API and worker together, no servers needed (embedded mode)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--workers", type=int, default=1)
+    up.set_defaults(func=_api("worker.embedded", "up"))
+
+    demo = sub.add_parser("demo", help="the main job: three methods side by side, end to end")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8765)
+    demo.add_argument("--workers", type=int, default=1)
+    demo.add_argument("--epochs", type=int, default=40)
+    demo.add_argument("--out", default="driftsafe-demo", help="adapters and logs go here")
+    demo.set_defaults(func=_api("cli.demo", "main"))
+
     tenants = sub.add_parser("tenants", help="manage tenants")
     tsub = tenants.add_subparsers(dest="tenants_cmd", required=True)
     tc = tsub.add_parser("create", help="create a tenant; prints its first API key once, last")

@@ -145,3 +145,20 @@ class WebhookEndpoint(Base):
 
 Index("ix_jobs_tenant_seq", Job.tenant_id, Job.seq)
 Index("ix_files_tenant_seq", StoredFile.tenant_id, StoredFile.seq)
+
+
+class WebhookDelivery(Base):
+    """A signed event to POST to an endpoint, retried with backoff until delivered or given up."""
+
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict] = mapped_column(JSONType)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float, default=time.time, index=True)
+    delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    gave_up: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)

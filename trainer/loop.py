@@ -211,14 +211,15 @@ class _Run:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         ce = answer_cross_entropy(logits, batch["labels"])
         if self.teacher is None:
-            return ce, {"train_loss": float(ce)}
+            return ce, {"train_loss": float(ce.detach())}
         hp: SelfDistillationHyperparameters = self.hp  # type: ignore[assignment]
         t_logits = self.teacher.logits(batch["input_ids"], batch["attention_mask"])
         where = (loss_positions(batch["labels"]) if hp.distill_positions == "answer"
                  else batch["attention_mask"][:, 1:].bool())
         kl = distillation_kl(logits[:, :-1], t_logits[:, :-1], where, hp.distill_temperature)
         loss = ce + hp.distill_weight * kl
-        return loss, {"train_loss": float(loss), "ce_loss": float(ce), "distill_loss": float(kl)}
+        return loss, {"train_loss": float(loss.detach()), "ce_loss": float(ce.detach()),
+                      "distill_loss": float(kl.detach())}
 
     def _batch_indices(self, step: int) -> list[int]:
         epoch, offset = divmod(step, self.steps_per_epoch)

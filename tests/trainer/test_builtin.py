@@ -19,15 +19,16 @@ def test_builtin_model_loads_like_a_hub_model_and_knows_its_facts(builtin_world,
     assert not set(world["heldout_known"]) & set(world["train_known"])
 
 
-def test_chat_template_masks_answers_and_is_concatenative(builtin_world):
+def test_chat_template_masks_answers_and_is_concatenative(builtin_world, builtin_examples):
     tok = AutoTokenizer.from_pretrained(builtin_world / "model")
-    one = Example(({"role": "user", "content": "Who employs Ana Bo ?"},
-                   {"role": "assistant", "content": "Kor"}), (0, 1), ("Kor",), 1)
-    two = Example(one.messages * 2, (0, 1, 0, 1), ("Kor",), 1)
+    one = builtin_examples["known"][0]
+    answer = one.answers[0]
+    two = Example(one.messages * 2, (0, 1, 0, 1), one.answers, 1)
     e1, e2 = encode_example(tok, one, 64), encode_example(tok, two, 64)
     assert e2.input_ids == e1.input_ids * 2 and e2.labels == e1.labels * 2
     learned = [t for t in e1.labels if t != -100]
-    assert tok.decode(learned) == "Kor <|end|>"
+    assert tok.decode(learned) == f"{answer} <|end|>"
+    assert tok.unk_token_id not in e1.input_ids
 
 
 def test_world_build_is_byte_identical_for_the_same_seed(tmp_path):

@@ -1,0 +1,49 @@
+"""The Celery app of the worker: one task, `driftsafe.run_job`, with its policy as attributes.
+
+Policy: late acknowledgement (a message is acked only after its job ends, so a worker that dies
+mid-job does not lose it), one task reserved at a time, one job per process at a time, and a
+fresh pool process per job (`worker_max_tasks_per_child=1`): the parent process never imports
+torch, so CUDA is only ever initialised in the child that trains.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Task
+from celery.signals import worker_ready
+
+from store.queue import RUN_JOB, make_celery
+from store.settings import get_settings
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+app = make_celery(settings)
+app.conf.update(worker_max_tasks_per_child=1, worker_hijack_root_logger=False)
+
+
+class RunJobTask(Task):
+    acks_late = True
+    reject_on_worker_lost = False  # a killed worker's job is re-queued by the reaper, not here
+    max_retries = 0
+    time_limit = None  # jobs run for hours; the heartbeat, not a time limit, detects death
+    ignore_result = True
+
+
+@app.task(name=RUN_JOB, base=RunJobTask, bind=True)
+def run_job_task(self, job_id: str) -> str | None:
+    from worker.lifecycle import worker_identity
+    from worker.runner import run_job
+
+    status = run_job(settings, job_id, worker_identity())
+    log.info("job %s: %s", job_id, status or "not claimed (duplicate or taken)")
+    return status
+
+
+@worker_ready.connect
+def _start_reaper(sender=None, **_kw) -> None:
+    from store.db import migrate
+    from worker.reaper import start_reaper
+
+    migrate(settings)
+    start_reaper(settings, app)

@@ -1,0 +1,201 @@
+"""One job, start to end, in the process Celery gave it (a fresh one per job).
+
+Claims the row, resolves model and files, hands a TrainJob to the trainer with callbacks that
+write events, progress and checkpoints to the store, heartbeats from a side thread (which also
+picks up cancel requests), and finishes the row once. Training errors end the job `failed` with a
+message for the client; the traceback goes to the server log only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+
+from store.artifacts import ArtifactStore
+from store.db import session_scope
+from store.models import Job, StoredFile
+from store.settings import Settings
+from worker.lifecycle import add_event, claim_job, finish_job, heartbeat, record_checkpoint
+
+log = logging.getLogger(__name__)
+METRICS_EVENT_EVERY_S = 2.0
+
+
+class JobFailure(Exception):
+    """A failure whose message is meant for the client."""
+
+
+def resolve_model(settings: Settings, model_id: str) -> tuple[Path, Path | None]:
+    """(model directory, default known-fact file or None)."""
+    from trainer.builtin import MODEL_ID, default_world_dir
+
+    if model_id == MODEL_ID:
+        world = default_world_dir(log=log.info)
+        return world / "model", world / "heldout_known.jsonl"
+    if model_id in settings.models:
+        return Path(settings.models[model_id]), None
+    raise JobFailure(f"model '{model_id}' is not available on this worker")
+
+
+class _Beat:
+    """Heartbeat thread: stamps the row, carries the latest progress, notices cancel and loss of
+    ownership; the trainer's stop flag reads `stop`."""
+
+    def __init__(self, settings: Settings, job_id: str, worker_id: str):
+        self.settings, self.job_id, self.worker_id = settings, job_id, worker_id
+        self.progress: dict | None = None
+        self.stop = False
+        self.lost = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
+
+    def beat(self) -> None:
+        with session_scope(self.settings) as s:
+            ours, cancel = heartbeat(s, self.job_id, self.worker_id, self.progress)
+        self.lost = not ours
+        self.stop = self.stop or cancel or self.lost
+
+    def _run(self) -> None:
+        while not self._done.wait(self.settings.heartbeat_seconds):
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001 - a missed beat is retried next period
+                log.warning("heartbeat failed for %s", self.job_id, exc_info=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join(timeout=5)
+
+
+def _load(artifacts: ArtifactStore, session, job: Job, file_id: str):
+    from trainer.data import load_examples
+
+    row = session.query(StoredFile).filter_by(id=file_id, tenant_id=job.tenant_id).one_or_none()
+    if row is None:
+        raise JobFailure(f"file '{file_id}' no longer exists")
+    return load_examples(artifacts.path(row.storage_path))
+
+
+def run_job(settings: Settings, job_id: str, worker_id: str) -> str | None:
+    """Run the job if this worker can claim it; returns its final status (None: not claimed)."""
+    with session_scope(settings) as s:
+        job = claim_job(s, job_id, worker_id)
+        if job is None:
+            return None  # a duplicate message, a cancelled job, or another worker has it
+        resumed = job.attempts > 1
+        add_event(s, job, "Job resumed from its last checkpoint on a new worker." if resumed
+                  else "Fine-tuning job started.")
+    artifacts = ArtifactStore(settings.artifacts_dir)
+    try:
+        return _train(settings, artifacts, job, worker_id)
+    except Exception as e:  # noqa: BLE001 - every failure must end the row
+        message = str(e) if isinstance(e, (JobFailure, ValueError)) else (
+            f"internal error during training ({type(e).__name__}); the operators have the log")
+        log.exception("job %s failed", job_id)
+        with session_scope(settings) as s:
+            finish_job(s, job_id, worker_id, "failed",
+                       error={"code": "training_failed", "message": message[:2000], "param": None})
+            add_event(s, job, f"Job failed: {message[:500]}", level="error")
+        return "failed"
+
+
+def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: str) -> str:
+    from trainer.data import require_qa_facts
+    from trainer.loop import Callbacks, TrainJob, train
+    from trainer.spec import TrainSpec
+
+    spec = TrainSpec.model_validate(job.spec)
+    model_dir, default_known = resolve_model(settings, job.model)
+    with session_scope(settings) as s:
+        examples = _load(artifacts, s, job, job.training_file)
+        known = _load(artifacts, s, job, job.known_facts_file) if job.known_facts_file else None
+    if known is None and default_known is not None:
+        from trainer.data import load_examples
+        known = load_examples(default_known)
+    known = (known or [])[: spec.evaluation.max_known_facts]
+    require_qa_facts(known, "known-fact")
+    job_dir = artifacts.job_dir(job.tenant_id, job.id)
+    history: list[dict] = []
+
+    with _Beat(settings, job.id, worker_id) as beat:
+        last_event = [0.0]
+
+        def on_event(level: str, message: str) -> None:
+            with session_scope(settings) as s:
+                add_event(s, job, message, level="warn" if level == "warning" else level)
+
+        def on_metrics(m: dict) -> None:
+            history.append(m)
+            beat.progress = {"step": m["step"], "total_steps": m["total_steps"],
+                             "epoch": round(m["epoch"], 3),
+                             "seconds_remaining": round(m["seconds_remaining"], 1)}
+            if time.monotonic() - last_event[0] >= METRICS_EVENT_EVERY_S or \
+                    m["step"] == m["total_steps"]:
+                last_event[0] = time.monotonic()
+                with session_scope(settings) as s:
+                    add_event(s, job, f"Step {m['step']}/{m['total_steps']}: training loss="
+                                      f"{m['train_loss']:.4f}", type="metrics", data=m)
+                beat.beat()  # progress is visible within a couple of seconds, not a period
+
+        def on_checkpoint(info) -> None:
+            rel = f"{job_dir}/checkpoints/{info.path.name}"
+            with session_scope(settings) as s:
+                record_checkpoint(s, job, info.step, rel, info.metrics)
+                if info.metrics:
+                    add_event(s, job, f"Checkpoint at step {info.step}: held-out known accuracy "
+                                      f"{info.metrics.get('heldout_known_accuracy', 0):.3f}, "
+                                      f"forgetting {info.metrics.get('forgetting', 0):.3f}",
+                              type="metrics", data={"step": info.step, **info.metrics})
+
+        result = train(TrainJob(spec=spec, model_dir=model_dir, train_examples=examples,
+                                known_facts=known, output_dir=artifacts.path(job_dir)),
+                       Callbacks(on_event=on_event, on_metrics=on_metrics,
+                                 on_checkpoint=on_checkpoint, should_stop=lambda: beat.stop))
+    if beat.lost:
+        log.warning("job %s was taken from this worker; leaving its row alone", job.id)
+        return "lost"
+    hp = result.spec.method.hyperparameters.model_dump(mode="json")
+    with session_scope(settings) as s:
+        results_id = _results_file(s, artifacts, job, history)
+        if result.status == "cancelled":
+            ended = finish_job(s, job.id, worker_id, "cancelled", hyperparameters=hp,
+                               trained_tokens=result.trained_tokens, result_files=[results_id])
+            add_event(s, job, f"Job cancelled at step {result.step}; its last checkpoint is kept.")
+            return "cancelled" if ended else "lost"
+        suffix = f":{job.suffix}" if job.suffix else ""
+        ended = finish_job(
+            s, job.id, worker_id, "succeeded", hyperparameters=hp, evaluation=result.report,
+            trained_tokens=result.trained_tokens, result_files=[results_id],
+            fine_tuned_model=f"ft:{job.model}:{job.tenant_id}{suffix}:{job.id}")
+        safe = (result.report or {}).get("drift_safe")
+        add_event(s, job, "The job has successfully completed" + (
+            f"; drift-safe: {safe}" if safe is not None else ""))
+    return "succeeded" if ended else "lost"
+
+
+def _results_file(session, artifacts: ArtifactStore, job: Job, history: list[dict]) -> str:
+    """A results CSV, stored as a file the client can fetch (OpenAI's result_files)."""
+    import hashlib
+
+    columns = ["step", "epoch", "train_loss", "ce_loss", "distill_loss", "learning_rate"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    data = buf.getvalue().encode()
+    row = StoredFile(tenant_id=job.tenant_id, filename=f"{job.id}-results.csv",
+                     purpose="fine-tune-results", bytes=len(data),
+                     sha256=hashlib.sha256(data).hexdigest(), lines=len(history), storage_path="")
+    session.add(row)
+    session.flush()
+    row.storage_path = f"{artifacts.job_dir(job.tenant_id, job.id)}/results-{row.id}.csv"
+    artifacts.write_bytes(row.storage_path, data)
+    return row.id
