@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -36,7 +37,20 @@ def make_engine(url: str) -> Engine:
 
 @lru_cache
 def engine_for(url: str) -> Engine:
-    return make_engine(url)
+    engine = make_engine(url)
+    _engines_made.append(engine)
+    return engine
+
+
+def _forget_inherited_connections() -> None:
+    """A forked child (Celery's pool) must not use its parent's pooled connections: two processes
+    on one socket or SQLite handle corrupt each other's state. Drop them without closing."""
+    for engine in _engines_made:
+        engine.dispose(close=False)
+
+
+_engines_made: list[Engine] = []
+os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
 def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:

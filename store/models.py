@@ -162,3 +162,10 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     gave_up: Mapped[bool] = mapped_column(Boolean, default=False)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+def by_public_id(session, model, object_id: str):
+    """Rows with a `seq` primary key are found by their public id, never by `session.get`."""
+    from sqlalchemy import select
+
+    return session.scalar(select(model).where(model.id == object_id))

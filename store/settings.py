@@ -32,7 +32,9 @@ class Settings(BaseSettings):
                                                                   "message is presumed lost.")
     models: dict[str, str] = Field(default_factory=dict, description="Extra base models a worker "
                                    "can load: JSON object of model id -> local directory.")
-    worlds_dir: Path | None = None
+    worlds_dir: Path | None = Field(None, description="Cache of built fact worlds (read by "
+                                    "trainer.builtin from DRIFTSAFE_WORLDS_DIR); default "
+                                    "~/.cache/driftsafe/worlds.")
 
     @field_validator("data_dir")
     @classmethod

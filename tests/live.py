@@ -30,6 +30,9 @@ def env_for(settings) -> dict:
         env["DRIFTSAFE_DATABASE_URL"] = settings.database_url
     if settings.broker_url:
         env["DRIFTSAFE_BROKER_URL"] = settings.broker_url
+    # recovery timings travel to every process, so tests can use short ones
+    env["DRIFTSAFE_HEARTBEAT_SECONDS"] = str(settings.heartbeat_seconds)
+    env["DRIFTSAFE_STALE_AFTER_SECONDS"] = str(settings.stale_after_seconds)
     env["PYTHONPATH"] = str(ROOT)
     return env
 

@@ -194,9 +194,12 @@ def _mix(known: list[dict], new: list[dict], seed: int) -> list[dict]:
 
 
 def cache_root() -> Path:
-    root = os.environ.get("DRIFTSAFE_DATA_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "driftsafe"
-    return base / "worlds"
+    """Built worlds are a per-machine cache, shared by every data dir (and test) on it."""
+    explicit = os.environ.get("DRIFTSAFE_WORLDS_DIR")
+    if explicit:
+        return Path(explicit)
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "driftsafe" / "worlds"
 
 
 def ensure_world(build: BuildConfig = BuildConfig(), root: Path | None = None, log=print) -> Path:

@@ -14,7 +14,8 @@ import time
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from store.models import Checkpoint, Job, JobEvent, WebhookDelivery, WebhookEndpoint, now
+from store.models import (Checkpoint, Job, JobEvent, WebhookDelivery, WebhookEndpoint, by_public_id,
+                          now)
 
 FINISHED = ("succeeded", "failed", "cancelled")
 MAX_ATTEMPTS = 3
@@ -30,10 +31,11 @@ def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
         update(Job).where(Job.id == job_id, Job.status == "queued")
         .values(status="running", worker_id=worker_id, heartbeat_at=time.time(),
                 attempts=Job.attempts + 1, started_at=now(), progress=None))
+    claimed = result.rowcount == 1  # read before commit: the cursor is gone afterwards
     session.commit()
-    if result.rowcount != 1:
+    if not claimed:
         return None
-    return session.get(Job, job_id)
+    return by_public_id(session, Job, job_id)
 
 
 def heartbeat(session: Session, job_id: str, worker_id: str, progress: dict | None) -> tuple[bool, bool]:
@@ -45,9 +47,13 @@ def heartbeat(session: Session, job_id: str, worker_id: str, progress: dict | No
             values["estimated_finish"] = int(time.time() + progress["seconds_remaining"])
     result = session.execute(update(Job).where(Job.id == job_id, Job.status == "running",
                                                Job.worker_id == worker_id).values(**values))
+    ours = result.rowcount == 1
     session.commit()
-    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
-    return result.rowcount == 1, bool(cancel)
+    return ours, cancel_requested(session, job_id)
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
 def add_event(session: Session, job: Job, message: str, *, level: str = "info",
@@ -76,9 +82,9 @@ def finish_job(session: Session, job_id: str, worker_id: str, status: str, **val
         update(Job).where(Job.id == job_id, Job.status == "running", Job.worker_id == worker_id)
         .values(status=status, finished_at=now(), heartbeat_at=None, **values))
     if result.rowcount != 1:
-        session.rollback()
+        session.rollback()  # not ours any more: the results file stays, but nothing else
         return False
-    job = session.get(Job, job_id)
+    job = by_public_id(session, Job, job_id)
     session.refresh(job)
     enqueue_webhooks(session, job)
     session.commit()

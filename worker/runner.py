@@ -19,10 +19,13 @@ from store.artifacts import ArtifactStore
 from store.db import session_scope
 from store.models import Job, StoredFile
 from store.settings import Settings
-from worker.lifecycle import add_event, claim_job, finish_job, heartbeat, record_checkpoint
+from worker.lifecycle import (add_event, cancel_requested, claim_job, finish_job, heartbeat,
+                              record_checkpoint)
 
 log = logging.getLogger(__name__)
-METRICS_EVENT_EVERY_S = 2.0
+METRICS_EVENT_EVERY_S = 2.0  # metrics events; every step still lands in the results CSV
+PROGRESS_EVERY_S = 1.0
+CANCEL_POLL_S = 0.5  # the stop flag is read this often, so a cancel lands within a few steps
 
 
 class JobFailure(Exception):
@@ -50,8 +53,17 @@ class _Beat:
         self.progress: dict | None = None
         self.stop = False
         self.lost = False
+        self._polled = 0.0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
+
+    def should_stop(self) -> bool:
+        """Read by the trainer before every step; looks at the row at most every CANCEL_POLL_S."""
+        if not self.stop and time.monotonic() - self._polled >= CANCEL_POLL_S:
+            self._polled = time.monotonic()
+            with session_scope(self.settings) as s:
+                self.stop = cancel_requested(s, self.job_id)
+        return self.stop
 
     def beat(self) -> None:
         with session_scope(self.settings) as s:
@@ -90,24 +102,33 @@ def run_job(settings: Settings, job_id: str, worker_id: str) -> str | None:
         job = claim_job(s, job_id, worker_id)
         if job is None:
             return None  # a duplicate message, a cancelled job, or another worker has it
-        resumed = job.attempts > 1
-        add_event(s, job, "Job resumed from its last checkpoint on a new worker." if resumed
-                  else "Fine-tuning job started.")
+        add_event(s, job, "Fine-tuning job started." if job.attempts == 1 else
+                  f"Fine-tuning job started again (attempt {job.attempts}) on a new worker.")
     artifacts = ArtifactStore(settings.artifacts_dir)
-    try:
-        return _train(settings, artifacts, job, worker_id)
-    except Exception as e:  # noqa: BLE001 - every failure must end the row
-        message = str(e) if isinstance(e, (JobFailure, ValueError)) else (
-            f"internal error during training ({type(e).__name__}); the operators have the log")
-        log.exception("job %s failed", job_id)
-        with session_scope(settings) as s:
-            finish_job(s, job_id, worker_id, "failed",
-                       error={"code": "training_failed", "message": message[:2000], "param": None})
-            add_event(s, job, f"Job failed: {message[:500]}", level="error")
-        return "failed"
+    # Beat from the moment of the claim: loading torch and the model can take longer than a
+    # stale-heartbeat period, and a silent claimed job looks exactly like a dead worker.
+    with _Beat(settings, job.id, worker_id) as beat:
+        try:
+            return _train(settings, artifacts, job, worker_id, beat)
+        except Exception as e:  # noqa: BLE001 - every failure must end the row
+            return _fail(settings, job, worker_id, e)
 
 
-def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: str) -> str:
+def _fail(settings: Settings, job: Job, worker_id: str, e: Exception) -> str:
+    """End the job `failed` with a message for the client; the traceback goes to the log."""
+    message = str(e) if isinstance(e, (JobFailure, ValueError)) else (
+        f"internal error during training ({type(e).__name__}); the operators have the log")
+    log.exception("job %s failed", job.id)
+    with session_scope(settings) as s:
+        if not finish_job(s, job.id, worker_id, "failed", error={
+                "code": "training_failed", "message": message[:2000], "param": None}):
+            return "lost"
+        add_event(s, job, f"Job failed: {message[:500]}", level="error")
+    return "failed"
+
+
+def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: str,
+           beat: _Beat) -> str:
     from trainer.data import require_qa_facts
     from trainer.loop import Callbacks, TrainJob, train
     from trainer.spec import TrainSpec
@@ -125,40 +146,42 @@ def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: st
     job_dir = artifacts.job_dir(job.tenant_id, job.id)
     history: list[dict] = []
 
-    with _Beat(settings, job.id, worker_id) as beat:
-        last_event = [0.0]
+    last_event, last_progress = [0.0], [0.0]
 
-        def on_event(level: str, message: str) -> None:
+    def on_event(level: str, message: str) -> None:
+        with session_scope(settings) as s:
+            add_event(s, job, message, level="warn" if level == "warning" else level)
+
+    def on_metrics(m: dict) -> None:
+        history.append(m)
+        beat.progress = {"step": m["step"], "total_steps": m["total_steps"],
+                         "epoch": round(m["epoch"], 3),
+                         "seconds_remaining": round(m["seconds_remaining"], 1)}
+        clock = time.monotonic()
+        if clock - last_event[0] >= METRICS_EVENT_EVERY_S or m["step"] == m["total_steps"]:
+            last_event[0] = clock
             with session_scope(settings) as s:
-                add_event(s, job, message, level="warn" if level == "warning" else level)
+                add_event(s, job, f"Step {m['step']}/{m['total_steps']}: training loss="
+                                  f"{m['train_loss']:.4f}", type="metrics", data=m)
+        if clock - last_progress[0] >= PROGRESS_EVERY_S:
+            last_progress[0] = clock
+            beat.beat()  # progress is visible within a second, not a heartbeat period
 
-        def on_metrics(m: dict) -> None:
-            history.append(m)
-            beat.progress = {"step": m["step"], "total_steps": m["total_steps"],
-                             "epoch": round(m["epoch"], 3),
-                             "seconds_remaining": round(m["seconds_remaining"], 1)}
-            if time.monotonic() - last_event[0] >= METRICS_EVENT_EVERY_S or \
-                    m["step"] == m["total_steps"]:
-                last_event[0] = time.monotonic()
-                with session_scope(settings) as s:
-                    add_event(s, job, f"Step {m['step']}/{m['total_steps']}: training loss="
-                                      f"{m['train_loss']:.4f}", type="metrics", data=m)
-                beat.beat()  # progress is visible within a couple of seconds, not a period
+    def on_checkpoint(info) -> None:
+        rel = f"{job_dir}/checkpoints/{info.path.name}"
+        with session_scope(settings) as s:
+            record_checkpoint(s, job, info.step, rel, info.metrics)
+            if info.metrics:
+                add_event(s, job, f"Checkpoint at step {info.step}: held-out known accuracy "
+                                  f"{info.metrics.get('heldout_known_accuracy', 0):.3f}, "
+                                  f"forgetting {info.metrics.get('forgetting', 0):.3f}",
+                          type="metrics", data={"step": info.step, **info.metrics})
 
-        def on_checkpoint(info) -> None:
-            rel = f"{job_dir}/checkpoints/{info.path.name}"
-            with session_scope(settings) as s:
-                record_checkpoint(s, job, info.step, rel, info.metrics)
-                if info.metrics:
-                    add_event(s, job, f"Checkpoint at step {info.step}: held-out known accuracy "
-                                      f"{info.metrics.get('heldout_known_accuracy', 0):.3f}, "
-                                      f"forgetting {info.metrics.get('forgetting', 0):.3f}",
-                              type="metrics", data={"step": info.step, **info.metrics})
-
-        result = train(TrainJob(spec=spec, model_dir=model_dir, train_examples=examples,
-                                known_facts=known, output_dir=artifacts.path(job_dir)),
-                       Callbacks(on_event=on_event, on_metrics=on_metrics,
-                                 on_checkpoint=on_checkpoint, should_stop=lambda: beat.stop))
+    result = train(TrainJob(spec=spec, model_dir=model_dir, train_examples=examples,
+                            known_facts=known, output_dir=artifacts.path(job_dir),
+                            log_every_n_steps=1),
+                   Callbacks(on_event=on_event, on_metrics=on_metrics,
+                             on_checkpoint=on_checkpoint, should_stop=beat.should_stop))
     if beat.lost:
         log.warning("job %s was taken from this worker; leaving its row alone", job.id)
         return "lost"
@@ -166,19 +189,21 @@ def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: st
     with session_scope(settings) as s:
         results_id = _results_file(s, artifacts, job, history)
         if result.status == "cancelled":
-            ended = finish_job(s, job.id, worker_id, "cancelled", hyperparameters=hp,
-                               trained_tokens=result.trained_tokens, result_files=[results_id])
+            if not finish_job(s, job.id, worker_id, "cancelled", hyperparameters=hp,
+                              trained_tokens=result.trained_tokens, result_files=[results_id]):
+                return "lost"
             add_event(s, job, f"Job cancelled at step {result.step}; its last checkpoint is kept.")
-            return "cancelled" if ended else "lost"
+            return "cancelled"
         suffix = f":{job.suffix}" if job.suffix else ""
-        ended = finish_job(
-            s, job.id, worker_id, "succeeded", hyperparameters=hp, evaluation=result.report,
-            trained_tokens=result.trained_tokens, result_files=[results_id],
-            fine_tuned_model=f"ft:{job.model}:{job.tenant_id}{suffix}:{job.id}")
+        if not finish_job(
+                s, job.id, worker_id, "succeeded", hyperparameters=hp, evaluation=result.report,
+                trained_tokens=result.trained_tokens, result_files=[results_id],
+                fine_tuned_model=f"ft:{job.model}:{job.tenant_id}{suffix}:{job.id}"):
+            return "lost"
         safe = (result.report or {}).get("drift_safe")
         add_event(s, job, "The job has successfully completed" + (
             f"; drift-safe: {safe}" if safe is not None else ""))
-    return "succeeded" if ended else "lost"
+    return "succeeded"
 
 
 def _results_file(session, artifacts: ArtifactStore, job: Job, history: list[dict]) -> str:

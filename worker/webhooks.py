@@ -17,7 +17,7 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from store.models import WebhookDelivery, WebhookEndpoint
+from store.models import WebhookDelivery, WebhookEndpoint, by_public_id
 
 MAX_ATTEMPTS = 8
 TIMEOUT_S = 5.0
@@ -42,7 +42,7 @@ def deliver_due(session: Session, limit: int = 20) -> int:
         .order_by(WebhookDelivery.next_attempt_at).limit(limit)))
     delivered = 0
     for d in due:
-        endpoint = session.get(WebhookEndpoint, d.endpoint_id)
+        endpoint = by_public_id(session, WebhookEndpoint, d.endpoint_id)
         body = json.dumps(d.payload, separators=(",", ":")).encode()
         ts = int(time.time())
         d.attempts += 1

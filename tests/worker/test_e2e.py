@@ -89,38 +89,22 @@ def stack(request, tmp_path, builtin_world):
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _env_settings(settings):
-    """The worker and API read the same settings from the environment."""
-    env = env_for(settings)
-    env["DRIFTSAFE_HEARTBEAT_SECONDS"] = str(settings.heartbeat_seconds)
-    env["DRIFTSAFE_STALE_AFTER_SECONDS"] = str(settings.stale_after_seconds)
-    return env
-
-
 @pytest.fixture
 def service(stack, tmp_path, builtin_world, builtin_examples):
-    import tests.live as live
-
-    original = live.env_for
-    live.env_for = _env_settings  # timings for the recovery tests travel to every process
-    try:
-        key = new_tenant_key(stack, "e2e")
-        with running_api(stack, tmp_path / "api.log") as url:
-            client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
-            train = tmp_path / "train.jsonl"
-            train.write_text((builtin_world / "train.jsonl").read_text().splitlines()[0] + "\n")
-            lines = (builtin_world / "train.jsonl").read_text().splitlines()[:64]
-            train.write_text("\n".join(lines) + "\n")
-            known = tmp_path / "known.jsonl"
-            known.write_text("\n".join(
-                (builtin_world / "heldout_known.jsonl").read_text().splitlines()[:100]) + "\n")
-            with open(train, "rb") as a, open(known, "rb") as b:
-                tid = client.files.create(file=a, purpose="fine-tune").id
-                kid = client.files.create(file=b, purpose="fine-tune").id
-            yield {"url": url, "key": key, "client": client, "train": tid, "known": kid,
-                   "settings": stack, "tmp": tmp_path}
-    finally:
-        live.env_for = original
+    key = new_tenant_key(stack, "e2e")
+    with running_api(stack, tmp_path / "api.log") as url:
+        client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        train = tmp_path / "train.jsonl"
+        lines = (builtin_world / "train.jsonl").read_text().splitlines()[:64]
+        train.write_text("\n".join(lines) + "\n")
+        known = tmp_path / "known.jsonl"
+        known.write_text("\n".join(
+            (builtin_world / "heldout_known.jsonl").read_text().splitlines()[:100]) + "\n")
+        with open(train, "rb") as a, open(known, "rb") as b:
+            tid = client.files.create(file=a, purpose="fine-tune").id
+            kid = client.files.create(file=b, purpose="fine-tune").id
+        yield {"url": url, "key": key, "client": client, "train": tid, "known": kid,
+               "settings": stack, "tmp": tmp_path}
 
 
 def wait_for(client, job_id, statuses=("succeeded", "failed", "cancelled"), timeout=240):
@@ -166,7 +150,8 @@ def test_every_method_succeeds_with_a_loadable_adapter(service, builtin_world):
         metrics = [e for e in events if e.type == "metrics"]
         assert any("train_loss" in (e.data or {}) for e in metrics)
         ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
-        assert len(ckpts) >= 3 and all("heldout_known_accuracy" in c.metrics for c in ckpts)
+        assert len(ckpts) >= 3 and all(
+            "heldout_known_accuracy" in c.to_dict()["metrics"] for c in ckpts)
         r = httpx.get(f"{service['url']}/v1/fine_tuning/jobs/{job.id}/adapter",
                       headers={"Authorization": f"Bearer {service['key']}"})
         assert r.status_code == 200
@@ -186,11 +171,11 @@ def test_cancel_mid_training_keeps_a_checkpoint(service):
     client = service["client"]
     worker = Worker(service["settings"], service["tmp"] / "worker.log")
     try:
-        job = create(service, "supervised", epochs=200, batch=8)
+        job = create(service, "supervised", epochs=200, batch=64)  # one ~0.1 s step an epoch
         deadline = time.monotonic() + 120
         while True:
             j = client.fine_tuning.jobs.retrieve(job.id)
-            if j.status == "running" and (j.progress or {}).get("step", 0) >= 10:
+            if j.status == "running" and (j.progress or {}).get("step", 0) >= 5:
                 break
             assert time.monotonic() < deadline, "never made progress"
             time.sleep(0.3)
@@ -202,7 +187,8 @@ def test_cancel_mid_training_keeps_a_checkpoint(service):
     ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert ckpts, "the last checkpoint is kept"
     last = max(c.step_number for c in ckpts)
-    assert step_at_cancel <= last <= step_at_cancel + 40  # stopped within a few steps
+    # progress lags by at most a second and the flag is read every half second
+    assert step_at_cancel <= last <= step_at_cancel + 20 < 200
 
 
 def test_sigkilled_worker_job_resumes_and_succeeds_once(service):
@@ -227,6 +213,7 @@ def test_sigkilled_worker_job_resumes_and_succeeds_once(service):
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
     assert any("re-queued" in m for m in messages)
     assert any("resumed from checkpoint at step" in m for m in messages)
+    assert any("attempt 2" in m for m in messages)
     assert sum("successfully completed" in m for m in messages) == 1
     assert killed_at > 0
 
