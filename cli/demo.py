@@ -36,8 +36,13 @@ def _bar(done: int, total: int, width: int = 28) -> str:
     return "█" * filled + "·" * (width - filled)
 
 
+_last_logged: dict[str, tuple] = {}
+
+
 def _draw(jobs: dict[str, dict], first: bool) -> None:
-    if not first:
+    """Bars redrawn in place on a terminal; in a log, one line per job per tenth of progress."""
+    tty = sys.stdout.isatty()
+    if tty and not first:
         sys.stdout.write(f"\x1b[{len(jobs)}F")
     for name, job in jobs.items():
         p = job.get("progress") or {}
@@ -46,8 +51,13 @@ def _draw(jobs: dict[str, dict], first: bool) -> None:
             step = total = 1
         left = p.get("seconds_remaining")
         eta = f"~{left:.0f}s left" if left is not None and job["status"] == "running" else ""
-        sys.stdout.write(f"\x1b[2K{name:<18} {_bar(step, total)} {job['status']:<10} "
-                         f"{(str(step) + '/' + str(total)) if p else '':<10} {eta}\n")
+        line = (f"{name:<18} {_bar(step, total)} {job['status']:<10} "
+                f"{(str(step) + '/' + str(total)) if p else '':<10} {eta}")
+        if tty:
+            sys.stdout.write(f"\x1b[2K{line}\n")
+        elif _last_logged.get(name) != (job["status"], 10 * step // max(total, 1)):
+            _last_logged[name] = (job["status"], 10 * step // max(total, 1))
+            sys.stdout.write(line.rstrip() + "\n")
     sys.stdout.flush()
 
 

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from trainer.checkpoint import CheckpointInfo, latest_checkpoint, load_state, save_checkpoint
 from trainer.data import Example
 from trainer.evaluate import KnowledgeProbe
-from trainer.losses import answer_cross_entropy, distillation_kl, loss_positions
+from trainer.losses import answer_cross_entropy, distillation_kl, logits_at, loss_positions
 from trainer.slick import SlickSettings, category_counts, classify
 from trainer.spec import SelfDistillationHyperparameters, TrainSpec, resolve_auto
 from trainer.tokenize import Encoded, collate, encode_example
@@ -117,7 +118,7 @@ class _Run:
         self.model, self.teacher = self._prepare(base)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate,
-                                           weight_decay=self.hp.weight_decay)
+                                           weight_decay=self.hp.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     @property
@@ -208,15 +209,19 @@ class _Run:
         return {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
 
     def _loss(self, batch) -> tuple[torch.Tensor, dict]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ce = answer_cross_entropy(logits, batch["labels"])
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        answer = loss_positions(labels)
+        kl_all = self.teacher is not None and self.hp.distill_positions == "all"
+        where = mask[:, 1:].bool() if kl_all else answer  # CE positions are a subset of these
+        if self.teacher is not None:  # first, so its activations are gone before the student's
+            t_logits = self.teacher.logits_at(ids, mask, where)
+        logits = logits_at(self.model, ids, mask, where)
+        ce_rows = answer[where]
+        ce = F.cross_entropy(logits[ce_rows].float(), labels[:, 1:][answer])
         if self.teacher is None:
             return ce, {"train_loss": float(ce.detach())}
         hp: SelfDistillationHyperparameters = self.hp  # type: ignore[assignment]
-        t_logits = self.teacher.logits(batch["input_ids"], batch["attention_mask"])
-        where = (loss_positions(batch["labels"]) if hp.distill_positions == "answer"
-                 else batch["attention_mask"][:, 1:].bool())
-        kl = distillation_kl(logits[:, :-1], t_logits[:, :-1], where, hp.distill_temperature)
+        kl = distillation_kl(logits, t_logits, hp.distill_temperature)
         loss = ce + hp.distill_weight * kl
         return loss, {"train_loss": float(loss.detach()), "ce_loss": float(ce.detach()),
                       "distill_loss": float(kl.detach())}

@@ -1,7 +1,9 @@
 """The two losses of SCIENCE.md: answer-token cross-entropy and the self-distillation KL.
 
 Both work on next-token logits: position t predicts token t+1, so logits[:, :-1] pair with
-labels[:, 1:]. `loss_positions` returns that shifted mask, so CE and KL agree on where they apply.
+labels[:, 1:]. `loss_positions` returns that shifted mask, so CE and KL agree on where they apply,
+and `logits_at` runs the LM head on those positions only: with real vocabularies (10^5 entries)
+the full [batch, time, vocab] logits would dominate a step's memory.
 """
 
 from __future__ import annotations
@@ -23,15 +25,33 @@ def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
                            labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                    positions: torch.Tensor, temperature: float) -> torch.Tensor:
-    """tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)), averaged over `positions`.
+def _has_plain_lm_head(model) -> bool:
+    """True where logits are exactly lm_head(last hidden state): no softcapping or scaling."""
+    config = model.config
+    return (hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+            and not getattr(config, "final_logit_softcapping", None)
+            and getattr(config, "logit_scale", None) in (None, 1, 1.0))
 
-    Forward KL, teacher first (Hinton 2015; Li & Hoiem 2017). Logits are already shifted-aligned
-    with `positions` ([B, T-1, V] and [B, T-1]). Computed in float32 for stability under bf16.
+
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              where: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [N, V] at the positions `where` ([B, T-1] bool), in row-major order."""
+    if _has_plain_lm_head(model):
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return model.get_output_embeddings()(hidden[:, :-1][where])
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits[:, :-1][where]
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)), averaged over positions.
+
+    Forward KL, teacher first (Hinton 2015; Li & Hoiem 2017). Both are [N, V] logits at the same
+    N positions. Computed in float32 for stability under bf16.
     """
-    s = student_logits[positions].float() / temperature
-    t = teacher_logits[positions].float() / temperature
+    s = student_logits.float() / temperature
+    t = teacher_logits.float() / temperature
     if s.numel() == 0:
         return student_logits.sum() * 0.0
     log_p_s = F.log_softmax(s, dim=-1)

@@ -62,6 +62,33 @@ def test_self_distillation_teacher_is_the_base_with_the_adapter_off(builtin_worl
     assert seen[-1]["distill_loss"] > 0
 
 
+def test_adapter_off_teacher_gives_the_base_models_logits(builtin_world, builtin_examples,
+                                                         tmp_path):
+    from trainer.losses import logits_at, loss_positions
+    from trainer.tokenize import collate, encode_example
+
+    result = train(job(builtin_world, builtin_examples, tmp_path, spec(lr=1e-2), slick=None))
+    assert result.status == "succeeded"
+    from peft import PeftModel
+
+    from trainer.teacher import AdapterOffTeacher
+    tok = AutoTokenizer.from_pretrained(builtin_world / "model")
+    base = AutoModelForCausalLM.from_pretrained(builtin_world / "model")
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_world / "model"),
+                                      result.final_dir / "adapter")
+    batch = collate([encode_example(tok, e, 64) for e in builtin_examples["train"][:8]],
+                    tok.pad_token_id)
+    where = loss_positions(batch["labels"])
+    args = (batch["input_ids"], batch["attention_mask"], where)
+    with torch.no_grad():
+        expected, student = logits_at(base, *args), logits_at(tuned, *args)
+    teacher = AdapterOffTeacher(tuned).logits_at(*args)
+    assert torch.allclose(teacher, expected, atol=1e-5)
+    assert not torch.allclose(student, expected, atol=1e-3)  # the adapter is on again after
+    with torch.no_grad():
+        assert torch.equal(logits_at(tuned, *args), student)
+
+
 def test_zero_distill_weight_follows_plain_sft_exactly(builtin_world, builtin_examples, tmp_path):
     sft = train(job(builtin_world, builtin_examples, tmp_path / "a", spec(), slick=None))
     sd0 = train(job(builtin_world, builtin_examples, tmp_path / "b",

@@ -255,3 +255,28 @@ def test_webhook_receiver_gets_a_correctly_signed_event(service):
     assert headers["driftsafe-signature"] == expected
     event = json.loads(body)
     assert event["type"] == "fine_tuning.job.succeeded" and event["data"]["id"] == job.id
+
+
+def test_job_reports_what_the_trainer_measures_for_the_same_settings(service, builtin_world,
+                                                                     tmp_path):
+    """The service adds no numbers of its own: a job's evaluation equals a direct trainer run."""
+    from trainer.data import load_examples
+    from trainer.loop import TrainJob, train
+    from trainer.spec import TrainSpec
+
+    worker = Worker(service["settings"], service["tmp"] / "worker.log")
+    try:
+        job = wait_for(service["client"], create(service, "self_distillation").id)
+    finally:
+        worker.stop()
+    assert job.status == "succeeded"
+    spec = TrainSpec.model_validate({"method": method("self_distillation"), "seed": 1,
+                                     "evaluation": {"max_forgetting": 0.05,
+                                                    "eval_every_n_epochs": 1}})
+    direct = train(TrainJob(
+        spec=spec, model_dir=builtin_world / "model",
+        train_examples=load_examples(builtin_world / "train.jsonl")[:64],
+        known_facts=load_examples(builtin_world / "heldout_known.jsonl")[:100],
+        output_dir=tmp_path / "direct"))
+    for key, value in direct.report.items():
+        assert job.evaluation[key] == pytest.approx(value), key
