@@ -29,6 +29,7 @@ from trainer.evaluate import KnowledgeProbe
 from trainer.losses import answer_cross_entropy, distillation_kl, logits_at, loss_positions
 from trainer.slick import SlickSettings, category_counts, classify
 from trainer.spec import SelfDistillationHyperparameters, TrainSpec, resolve_auto
+from trainer.teacher import NamedAdapterTeacher
 from trainer.tokenize import Encoded, collate, encode_example
 
 
@@ -242,8 +243,9 @@ class _Run:
         return self.probe.measure(self.model) if self.probe is not None else {}
 
     def _checkpoint(self, step: int, metrics: dict, trained_tokens: int) -> CheckpointInfo:
+        # A format-warmup teacher was trained in this run: keep it, so a resume needs no re-run.
         extra = {}
-        if isinstance(self.teacher, __import__("trainer.teacher").teacher.NamedAdapterTeacher):
+        if isinstance(self.teacher, NamedAdapterTeacher):
             from peft import get_peft_model_state_dict
             extra = {"teacher_adapter": get_peft_model_state_dict(self.model, adapter_name="teacher")}
         elif self.teacher is not None and self._warm_teacher:

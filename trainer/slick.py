@@ -1,7 +1,10 @@
 """SliCK knowledge categories (Gekhman et al. 2024) for QA pairs under a given model.
 
 Each fact is asked through `n_prompts` prompt variants, each with `n_shots` exemplars of other
-facts as earlier chat turns. Per variant we need "is the greedy answer right?" and "is any of
+facts as earlier chat turns. The default is zero-shot through the chat template — how a tuned
+adapter is asked, and what chat models (the built-in one included) expect; with no exemplars every
+variant is the same prompt, so one is asked and MaybeKnown cannot occur. Gekhman's setting for
+base (non-chat) models is n_shots=4, n_prompts=10. Per variant we need "is the greedy answer right?" and "is any of
 `n_samples` samples at `temperature` right?". Both follow from one teacher-forced pass over
 prompt + gold answer, with no generation:
   - greedy decoding produces the gold tokens iff each gold token is the argmax where it is predicted;
@@ -28,8 +31,8 @@ CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 
 @dataclass(frozen=True)
 class SlickSettings:
-    n_prompts: int = 4
-    n_shots: int = 4
+    n_prompts: int = 4  # used only with exemplars
+    n_shots: int = 0
     n_samples: int = 16
     temperature: float = 0.5
     batch_size: int = 256
@@ -71,17 +74,18 @@ def classify(model, tokenizer, examples: list[Example], exemplars: list[Example]
     pool = exemplars if exemplars is not None else examples
     rng = random.Random(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
+    n_prompts = settings.n_prompts if settings.n_shots else 1
     variants: list[Example] = []
     for ex in examples:
         others = [e for e in rng.sample(pool, min(len(pool), settings.n_shots + 1)) if e is not ex]
-        for _ in range(settings.n_prompts):
+        for _ in range(n_prompts):
             shots = rng.sample(others, min(len(others), settings.n_shots)) if others else []
             variants.append(_with_exemplars(ex, shots))
     greedy, prob = _greedy_and_sample_prob(model, tokenizer, variants, settings)
     p_any = 1 - (1 - torch.tensor(prob, dtype=torch.float64)) ** settings.n_samples
     sampled = (torch.rand(len(prob), generator=gen, dtype=torch.float64) < p_any).tolist()
     out = []
-    k = settings.n_prompts
+    k = n_prompts
     for i in range(len(examples)):
         g, s = greedy[i * k: (i + 1) * k], sampled[i * k: (i + 1) * k]
         if all(g):

@@ -33,9 +33,11 @@ class SupervisedHyperparameters(_Strict):
         "auto", description="Peak AdamW learning rate (absolute, not OpenAI's multiplier).")
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto | None = Field(
         None, description="OpenAI's knob: scales the default learning rate. Not with learning_rate.")
-    warmup_ratio: float = Field(0.0, ge=0, le=0.5, description="Share of steps of linear warmup.")
+    # Warmup then cosine decay: on the fact world it cut self-distillation's forgetting from a
+    # third of SFT's (constant rate) to a fifth, with every new fact learned (README, bench).
+    warmup_ratio: float = Field(0.05, ge=0, le=0.5, description="Share of steps of linear warmup.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="Learning-rate schedule after warmup.")
+        "cosine", description="Learning-rate schedule after warmup.")
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     max_seq_len: int = Field(512, ge=8, le=32768, description="Tokens kept per example.")
 
@@ -86,10 +88,6 @@ class FrozenGroupsHyperparameters(SupervisedHyperparameters):
         lo = min(int(m.group(1)) for m in ranges)
         hi = max(int(m.group(2) or m.group(1)) for m in ranges)
         return lo, hi
-
-
-class _Block(_Strict):
-    hyperparameters: dict = Field(default_factory=dict)
 
 
 class SupervisedBlock(_Strict):

@@ -165,6 +165,16 @@ def test_every_method_succeeds_with_a_loadable_adapter(service, builtin_world):
         assert acc == pytest.approx(ev["heldout_known_accuracy"]), name
         csv = client.files.content(job.result_files[0]).text
         assert csv.startswith("step,epoch,train_loss")
+        safe = [c.step_number for c in ckpts if c.to_dict()["metrics"]["drift_safe"]]
+        r = httpx.get(f"{service['url']}/v1/fine_tuning/jobs/{job.id}/adapter",
+                      params={"select": "drift_safe"},
+                      headers={"Authorization": f"Bearer {service['key']}"})
+        if safe:
+            report = json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("driftsafe.json"))
+            assert r.status_code == 200 and report["checkpoint"]["step_number"] == max(safe)
+        else:
+            assert r.status_code == 404
+            assert r.json()["error"]["code"] == "no_drift_safe_checkpoint"
 
 
 def test_cancel_mid_training_keeps_a_checkpoint(service):
