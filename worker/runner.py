@@ -175,7 +175,10 @@ def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: st
                 add_event(s, job, f"Checkpoint at step {info.step}: held-out known accuracy "
                                   f"{info.metrics.get('heldout_known_accuracy', 0):.3f}, "
                                   f"forgetting {info.metrics.get('forgetting', 0):.3f}",
-                          type="metrics", data={"step": info.step, **info.metrics})
+                          type="metrics", data={
+                              "step": info.step,
+                              "known_accuracy": info.metrics.get("heldout_known_accuracy"),
+                              **info.metrics})
 
     result = train(TrainJob(spec=spec, model_dir=model_dir, train_examples=examples,
                             known_facts=known, output_dir=artifacts.path(job_dir),

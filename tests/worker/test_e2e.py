@@ -149,6 +149,10 @@ def test_every_method_succeeds_with_a_loadable_adapter(service, builtin_world):
         events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
         metrics = [e for e in events if e.type == "metrics"]
         assert any("train_loss" in (e.data or {}) for e in metrics)
+        assert any("known_accuracy" in (e.data or {}) and "new_fact_accuracy" in e.data
+                   for e in metrics)
+        if name == "self_distillation":
+            assert any("distill_loss" in (e.data or {}) for e in metrics)
         ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
         assert len(ckpts) >= 3 and all(
             "heldout_known_accuracy" in c.to_dict()["metrics"] for c in ckpts)
