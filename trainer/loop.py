@@ -28,8 +28,8 @@ from trainer.data import Example
 from trainer.evaluate import KnowledgeProbe
 from trainer.losses import answer_cross_entropy, distillation_kl, logits_at, loss_positions
 from trainer.slick import SlickSettings, category_counts, classify
+from trainer import teacher as teachers
 from trainer.spec import SelfDistillationHyperparameters, TrainSpec, resolve_auto
-from trainer.teacher import NamedAdapterTeacher
 from trainer.tokenize import Encoded, collate, encode_example
 
 
@@ -163,8 +163,7 @@ class _Run:
         return idx
 
     def _prepare(self, base):
-        from trainer import teacher as teachers
-        from trainer.adapters import prepare_full, prepare_lora
+        from trainer.adapters import lora_config, prepare_full, prepare_lora
 
         lora = self.spec.adapter.type == "lora"
         sd = self.hp if isinstance(self.hp, SelfDistillationHyperparameters) else None
@@ -173,7 +172,6 @@ class _Run:
             if lora:
                 model = prepare_lora(base, self.spec, adapter_name="teacher")
                 self._format_warmup(model)
-                from trainer.adapters import lora_config
                 model.add_adapter("default", lora_config(base, self.spec.adapter, self.spec))
                 model.set_adapter("default")
                 return model, teachers.NamedAdapterTeacher(model, "teacher")
@@ -245,7 +243,7 @@ class _Run:
     def _checkpoint(self, step: int, metrics: dict, trained_tokens: int) -> CheckpointInfo:
         # A format-warmup teacher was trained in this run: keep it, so a resume needs no re-run.
         extra = {}
-        if isinstance(self.teacher, NamedAdapterTeacher):
+        if isinstance(self.teacher, teachers.NamedAdapterTeacher):
             from peft import get_peft_model_state_dict
             extra = {"teacher_adapter": get_peft_model_state_dict(self.model, adapter_name="teacher")}
         elif self.teacher is not None and self._warm_teacher:
