@@ -9,13 +9,18 @@ import argparse
 import sys
 
 
+def _lazy(module: str, name: str):
+    """The command's function, imported only when that command runs."""
+    return lambda a: getattr(__import__(module, fromlist=["x"]), name)(a)
+
+
 def _world(sub) -> None:
     p = sub.add_parser("world", help="the synthetic fact world and the built-in model")
     wsub = p.add_subparsers(dest="world_cmd", required=True)
     b = wsub.add_parser("build", help="build (or reuse) a world: model/, train.jsonl, ...")
     b.add_argument("--seed", type=int, default=None, help="default: the built-in world")
     b.add_argument("--out", required=True, help="directory to lay the world out in")
-    b.set_defaults(func=lambda a: __import__("trainer.cli", fromlist=["x"]).world_build(a))
+    b.set_defaults(func=_lazy("trainer.cli", "world_build"))
 
 
 def _train(sub) -> None:
@@ -37,7 +42,7 @@ def _train(sub) -> None:
     p.add_argument("--trainable", help="frozen_groups: comma-separated groups, e.g. attention")
     p.add_argument("--max-forgetting", type=float)
     p.add_argument("--seed", type=int)
-    p.set_defaults(func=lambda a: __import__("trainer.cli", fromlist=["x"]).train_command(a))
+    p.set_defaults(func=_lazy("trainer.cli", "train_command"))
 
 
 def _bench(sub) -> None:
@@ -47,15 +52,11 @@ def _bench(sub) -> None:
     paper.add_argument("--seed", type=int, default=0)
     paper.add_argument("--json", help="write the rows here too")
     paper.add_argument("--lora", action="store_true", help="add LoRA rows")
-    paper.set_defaults(func=lambda a: __import__("bench.paper", fromlist=["x"]).main(a))
+    paper.set_defaults(func=_lazy("bench.paper", "main"))
     speed = bsub.add_parser("speed", help="our loop vs HF Trainer, SD cost, scoring speed")
     speed.add_argument("--json", help="write the figures here too")
     speed.add_argument("--steps", type=int, default=60)
-    speed.set_defaults(func=lambda a: __import__("bench.speed", fromlist=["x"]).main(a))
-
-
-def _api(module: str, name: str):
-    return lambda a: getattr(__import__(module, fromlist=["x"]), name)(a)
+    speed.set_defaults(func=_lazy("bench.speed", "main"))
 
 
 def _service(sub) -> None:
@@ -65,16 +66,16 @@ def _service(sub) -> None:
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--log-level", default="info")
-    api.set_defaults(func=_api("api.cli", "serve_api"))
+    api.set_defaults(func=_lazy("api.cli", "serve_api"))
     worker = ssub.add_parser("worker", help="a Celery worker: one job at a time")
     worker.add_argument("--name", default=None, help="worker node name")
-    worker.set_defaults(func=_api("worker.cli", "serve_worker"))
+    worker.set_defaults(func=_lazy("worker.cli", "serve_worker"))
 
     up = sub.add_parser("up", help="API and worker together, no servers needed (embedded mode)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--workers", type=int, default=1)
-    up.set_defaults(func=_api("worker.embedded", "up"))
+    up.set_defaults(func=_lazy("worker.embedded", "up"))
 
     demo = sub.add_parser("demo", help="the main job: three methods side by side, end to end")
     demo.add_argument("--host", default="127.0.0.1")
@@ -82,22 +83,22 @@ def _service(sub) -> None:
     demo.add_argument("--workers", type=int, default=1)
     demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--out", default="driftsafe-demo", help="adapters and logs go here")
-    demo.set_defaults(func=_api("cli.demo", "main"))
+    demo.set_defaults(func=_lazy("cli.demo", "main"))
 
     tenants = sub.add_parser("tenants", help="manage tenants")
     tsub = tenants.add_subparsers(dest="tenants_cmd", required=True)
     tc = tsub.add_parser("create", help="create a tenant; prints its first API key once, last")
     tc.add_argument("name")
-    tc.set_defaults(func=_api("api.cli", "tenants_create"))
+    tc.set_defaults(func=_lazy("api.cli", "tenants_create"))
 
     keys = sub.add_parser("keys", help="manage API keys")
     ksub = keys.add_subparsers(dest="keys_cmd", required=True)
     kc = ksub.add_parser("create", help="a new key for a tenant, printed once, last")
     kc.add_argument("--tenant", required=True)
-    kc.set_defaults(func=_api("api.cli", "keys_create"))
+    kc.set_defaults(func=_lazy("api.cli", "keys_create"))
     kr = ksub.add_parser("revoke", help="revoke a key by its id (key_...)")
     kr.add_argument("key_id")
-    kr.set_defaults(func=_api("api.cli", "keys_revoke"))
+    kr.set_defaults(func=_lazy("api.cli", "keys_revoke"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,11 +6,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from worker.embedded import wait_until_healthy
 
 DRIFTSAFE = [sys.executable, "-m", "cli.main"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,16 +56,10 @@ def running_api(settings, log_path: Path):
                                 stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(url + "/healthz", timeout=2).status_code in (200, 503):
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"API did not start: {log_path.read_text()[-2000:]}")
-                time.sleep(0.2)
+            try:
+                wait_until_healthy(url, [proc])
+            except RuntimeError as e:
+                raise RuntimeError(f"{e}: {log_path.read_text()[-2000:]}") from None
             yield url
         finally:
             proc.terminate()

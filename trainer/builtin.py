@@ -116,7 +116,7 @@ def _turn_encodings(tokenizer, world: World) -> list[list]:
 
 def train_base_model(model, tokenizer, world: World, config: BaseModelConfig, seed: int,
                      log=print) -> None:
-    """Memorise every known fact: full training from scratch, answers only carry loss."""
+    """Memorise every known fact: full training from scratch (loss on every token by default)."""
     from trainer.losses import answer_cross_entropy
     from trainer.tokenize import IGNORE, Encoded, collate
 
@@ -145,8 +145,9 @@ def train_base_model(model, tokenizer, world: World, config: BaseModelConfig, se
             logits = model(input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"]).logits
             # Pretraining: every token carries loss, so names are learned as entities too.
-            targets = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
-            loss = answer_cross_entropy(logits, targets if config.loss_on_all_tokens else batch["labels"])
+            targets = (batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+                       if config.loss_on_all_tokens else batch["labels"])
+            loss = answer_cross_entropy(logits, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

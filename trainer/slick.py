@@ -4,8 +4,10 @@ Each fact is asked through `n_prompts` prompt variants, each with `n_shots` exem
 facts as earlier chat turns. The default is zero-shot through the chat template — how a tuned
 adapter is asked, and what chat models (the built-in one included) expect; with no exemplars every
 variant is the same prompt, so one is asked and MaybeKnown cannot occur. Gekhman's setting for
-base (non-chat) models is n_shots=4, n_prompts=10. Per variant we need "is the greedy answer right?" and "is any of
-`n_samples` samples at `temperature` right?". Both follow from one teacher-forced pass over
+base (non-chat) models is n_shots=4, n_prompts=10.
+
+Per variant we need "is the greedy answer right?" and "is any of `n_samples` samples at
+`temperature` right?". Both follow from one teacher-forced pass over
 prompt + gold answer, with no generation:
   - greedy decoding produces the gold tokens iff each gold token is the argmax where it is predicted;
   - one sample equals the gold tokens with probability p = prod softmax(z / T)[gold], so "any of n

@@ -42,8 +42,6 @@ def run_job_task(self, job_id: str) -> str | None:
 
 @worker_ready.connect
 def _start_reaper(sender=None, **_kw) -> None:
-    from store.db import migrate
     from worker.reaper import start_reaper
 
-    migrate(settings)
-    start_reaper(settings, app)
+    start_reaper(settings, app)  # `serve worker` migrated the schema before starting Celery

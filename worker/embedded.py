@@ -21,6 +21,20 @@ def _env() -> dict:
         "PYTHONPATH")]))}
 
 
+def wait_until_healthy(url: str, processes, timeout_s: float = 60) -> None:
+    """Poll /healthz until it answers 200; fail early if one of `processes` has exited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+            raise RuntimeError(f"the service at {url} did not become healthy; see its logs")
+        time.sleep(0.2)
+
+
 @contextmanager
 def embedded_service(host: str, port: int, log_dir: Path | None = None, workers: int = 1):
     """API and worker processes; yields the base URL once the API answers /healthz."""
@@ -43,16 +57,7 @@ def embedded_service(host: str, port: int, log_dir: Path | None = None, workers:
                                        "--log-level", "warning"], env=_env(), stdout=out,
                                       stderr=subprocess.STDOUT))
         url = f"http://{host}:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError("the embedded service did not start; see its logs")
-            time.sleep(0.2)
+        wait_until_healthy(url, procs)
         yield url
     finally:
         for p in procs:

@@ -46,7 +46,7 @@ def resolve_model(settings: Settings, model_id: str) -> tuple[Path, Path | None]
 
 class _Beat:
     """Heartbeat thread: stamps the row, carries the latest progress, notices cancel and loss of
-    ownership; the trainer's stop flag reads `stop`."""
+    ownership; the trainer's stop flag is `should_stop`."""
 
     def __init__(self, settings: Settings, job_id: str, worker_id: str):
         self.settings, self.job_id, self.worker_id = settings, job_id, worker_id
