@@ -9,12 +9,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from store.models import Checkpoint, Job, JobEvent, StoredFile, WebhookEndpoint
+from store.public import REPORT_KEYS, FineTuningJob, JobError, Progress, job_object  # noqa: F401
 from trainer.spec import AdapterSpec, EvaluationSpec, Method, SupervisedHyperparameters
-
-REPORT_KEYS = ("base_heldout_known_accuracy", "heldout_known_accuracy", "forgetting",
-               "hallucination_rate", "new_fact_accuracy", "task_accuracy", "output_drift",
-               "knowledge_categories", "max_forgetting", "drift_safe")
-
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -66,48 +62,6 @@ class DeletedObject(BaseModel):
     deleted: bool
 
 
-class JobError(BaseModel):
-    code: str
-    message: str
-    param: str | None = None
-
-
-class Progress(BaseModel):
-    step: int
-    total_steps: int
-    epoch: float
-    seconds_remaining: float | None = None
-
-
-class FineTuningJob(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    object: Literal["fine_tuning.job"] = "fine_tuning.job"
-    model: str
-    created_at: int
-    finished_at: int | None
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
-    fine_tuned_model: str | None
-    organization_id: str
-    training_file: str
-    validation_file: str | None
-    hyperparameters: dict[str, Any]
-    method: dict[str, Any]
-    result_files: list[str]
-    trained_tokens: int | None
-    error: JobError | None
-    seed: int
-    estimated_finish: int | None
-    metadata: dict[str, str] | None
-    integrations: list[dict]
-    user_provided_suffix: str | None
-    adapter: dict[str, Any] = Field(description="driftsafe: the adapter, as resolved")
-    evaluation: dict[str, Any] = Field(description="driftsafe: settings and known-fact report")
-    progress: Progress | None = Field(description="driftsafe: while running")
-    cancel_requested: bool = Field(description="driftsafe: cancel asked, job stops at next step")
-
-
 class JobEventObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
@@ -153,34 +107,6 @@ class WebhookCreate(BaseModel):
 def file_object(f: StoredFile) -> dict:
     return FileObject(id=f.id, bytes=f.bytes, created_at=f.created_at, filename=f.filename,
                       purpose=f.purpose, status=f.status, lines=f.lines).model_dump()
-
-
-def _openai_hyperparameters(job: Job) -> dict:
-    hp = job.hyperparameters or Method.model_validate(job.spec["method"]).hyperparameters.model_dump()
-    return {**hp, "learning_rate_multiplier": hp.get("learning_rate_multiplier") or "auto"}
-
-
-def job_object(job: Job) -> dict:
-    spec = job.spec
-    method = {k: v for k, v in spec["method"].items() if v is not None}
-    if job.hyperparameters:
-        method[method["type"]] = {"hyperparameters": job.hyperparameters}
-    report = job.evaluation or {}
-    evaluation = {**spec.get("evaluation", {}), **{k: report.get(k) for k in REPORT_KEYS}}
-    if evaluation.get("max_forgetting") is None:
-        evaluation["max_forgetting"] = spec.get("evaluation", {}).get("max_forgetting")
-    return FineTuningJob(
-        id=job.id, model=job.model, created_at=job.created_at, finished_at=job.finished_at,
-        status=job.status, fine_tuned_model=job.fine_tuned_model, organization_id=job.tenant_id,
-        training_file=job.training_file, validation_file=job.validation_file,
-        hyperparameters=_openai_hyperparameters(job), method=method,
-        result_files=job.result_files or [], trained_tokens=job.trained_tokens,
-        error=JobError(**job.error) if job.error else None, seed=spec["seed"],
-        estimated_finish=job.estimated_finish, metadata=job.job_metadata, integrations=[],
-        user_provided_suffix=job.suffix, adapter=spec["adapter"], evaluation=evaluation,
-        progress=Progress(**job.progress) if job.progress and job.status == "running" else None,
-        cancel_requested=job.cancel_requested,
-    ).model_dump()
 
 
 def event_object(e: JobEvent) -> dict:

@@ -7,7 +7,7 @@ import secrets
 import time
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint)
+                        UniqueConstraint, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Plain JSON: native on PostgreSQL, TEXT on SQLite; no query here looks inside it.
@@ -88,6 +88,10 @@ class Job(Base):
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Poison-pill guard: worker losses in a row during which the job saved no new checkpoint.
+    lost_without_progress: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # last ckpt at claim
+    total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)  # known at creation
     output_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
@@ -144,7 +148,11 @@ class WebhookEndpoint(Base):
 
 
 Index("ix_jobs_tenant_seq", Job.tenant_id, Job.seq)
+Index("ix_jobs_tenant_status", Job.tenant_id, Job.status)  # the running-jobs quota
 Index("ix_files_tenant_seq", StoredFile.tenant_id, StoredFile.seq)
+Index("ix_job_events_job_seq", JobEvent.job_id, JobEvent.seq)  # a job's events, newest first
+Index("ix_checkpoints_job_seq", Checkpoint.job_id, Checkpoint.seq)
+Index("ix_idempotency_created", IdempotencyRecord.created_at)  # purging expired records
 
 
 class WebhookDelivery(Base):
@@ -158,10 +166,18 @@ class WebhookDelivery(Base):
     event: Mapped[str] = mapped_column(String(64))
     payload: Mapped[dict] = mapped_column(JSONType)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Poison-pill guard: worker losses in a row during which the job saved no new checkpoint.
+    lost_without_progress: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # last ckpt at claim
+    total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)  # known at creation
     next_attempt_at: Mapped[float] = mapped_column(Float, default=time.time, index=True)
     delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     gave_up: Mapped[bool] = mapped_column(Boolean, default=False)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Only undelivered rows are ever scanned by the sender: a partial index keeps that scan small.
+    __table_args__ = (Index("ix_webhook_deliveries_due", "next_attempt_at",
+                            postgresql_where=text("delivered_at IS NULL AND NOT gave_up"),
+                            sqlite_where=text("delivered_at IS NULL AND NOT gave_up")),)
 
 
 def by_public_id(session, model, object_id: str):

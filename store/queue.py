@@ -1,4 +1,5 @@
-"""The job queue: one Celery app definition shared by the API (which only sends) and the worker.
+"""The job queue: one Celery app definition shared by the API (which only sends) and the worker,
+and the whole Celery policy in one place.
 
 The message carries a job id and nothing else; the job row is the truth, the message only wakes a
 worker. With no broker configured, the broker is a folder under the data dir (kombu's filesystem
@@ -8,6 +9,9 @@ transport), so a laptop needs no server.
 from __future__ import annotations
 
 import logging
+import secrets
+import threading
+import time
 
 from celery import Celery
 
@@ -15,31 +19,40 @@ from store.settings import Settings
 
 RUN_JOB = "driftsafe.run_job"
 QUEUE = "driftsafe.jobs"
+WORKER_CONCURRENCY = 1  # one job (one GPU) per worker process
 # Redis re-delivers an unacknowledged message after its visibility timeout. Jobs acknowledge late
 # (on finish), so the timeout must outlast the longest job; the row's compare-and-set claim makes
 # any re-delivery harmless anyway.
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+SEND_TIMEOUT_S = 2.0  # a send never holds a request longer than this
+EPOCH_KEY = "driftsafe:broker_epoch"
 
 log = logging.getLogger(__name__)
 
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("driftsafe", broker=settings.celery_broker_url)
-    options: dict = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    options: dict = {"visibility_timeout": VISIBILITY_TIMEOUT_S,
+                     "socket_connect_timeout": SEND_TIMEOUT_S, "socket_timeout": SEND_TIMEOUT_S,
+                     "max_retries": 0}
     if settings.celery_broker_url.startswith("filesystem"):
         folder = settings.broker_folder
         (folder / "queue").mkdir(parents=True, exist_ok=True)
         (folder / "processed").mkdir(parents=True, exist_ok=True)
-        options.update(data_folder_in=str(folder / "queue"), data_folder_out=str(folder / "queue"),
+        options = dict(data_folder_in=str(folder / "queue"), data_folder_out=str(folder / "queue"),
                        processed_folder=str(folder / "processed"), store_processed=False)
     app.conf.update(
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=SEND_TIMEOUT_S,
         task_default_queue=QUEUE,
+        # Late ack: a message is acked when its job ends, so a worker that dies mid-job does not
+        # lose it. A killed worker's message is not re-queued by Celery (reject_on_worker_lost
+        # False): the reaper re-queues the job itself, from the heartbeat, exactly once.
         task_acks_late=True,
-        task_reject_on_worker_lost=True,
+        task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
-        worker_concurrency=1,
+        worker_concurrency=WORKER_CONCURRENCY,
         task_serializer="json",
         accept_content=["json"],  # never unpickle a message
         result_backend=None,
@@ -48,12 +61,79 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_job(app: Celery, job_id: str) -> bool:
+def task_time_limit(settings: Settings, total_steps: int | None) -> float:
+    """A job's hard time limit: a fixed allowance plus a per-step one, so a stuck job ends."""
+    steps = total_steps or settings.max_job_steps
+    return settings.task_time_limit_base_seconds + steps * settings.task_time_limit_per_step_seconds
+
+
+def backstop_time_limit(settings: Settings, total_steps: int | None) -> float:
+    """Celery's hard limit for the task: the job's own limit (enforced by the runner, which saves
+    a checkpoint and fails the job) plus room to do that, for a step that never returns."""
+    return task_time_limit(settings, total_steps) * 1.05 + 120
+
+
+def enqueue_job(app: Celery, job_id: str, time_limit: float | None = None) -> bool:
     """Send the wake-up message; False if the broker is unreachable (the reaper re-sends)."""
     try:
-        app.send_task(RUN_JOB, args=[job_id], queue=QUEUE, retry=False)
+        options = {"time_limit": time_limit, "soft_time_limit": time_limit * 0.98} \
+            if time_limit else {}
+        app.send_task(RUN_JOB, args=[job_id], queue=QUEUE, retry=False, **options)
         return True
     except Exception:  # noqa: BLE001 - any broker failure leaves the queued row for the reaper
         log.warning("could not enqueue job %s; it stays queued for the reaper", job_id,
                     exc_info=True)
         return False
+
+
+class Sender:
+    """The API's side of the queue: after a failed send it stops trying for a while (a circuit
+    breaker), so a broker outage costs each job creation nothing; the reaper sends those jobs."""
+
+    def __init__(self, app: Celery, settings: Settings):
+        self.app, self.settings = app, settings
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    def send(self, job_id: str, time_limit: float | None = None) -> bool:
+        if time.monotonic() < self._down_until:
+            return False
+        ok = enqueue_job(self.app, job_id, time_limit)
+        if not ok:
+            with self._lock:
+                self._down_until = time.monotonic() + self.settings.broker_down_retry_seconds
+        return ok
+
+
+class BrokerEpoch:
+    """Notices a broker that lost its messages. A random marker is kept in Redis; if it vanishes,
+    Redis restarted without persistence and every queued job's message is gone. The worker that
+    sets the new marker (SET NX) is the one that re-sends, so a restart causes one resend, not one
+    per worker. Other brokers keep their messages (the folder broker) or are not watched."""
+
+    def __init__(self, settings: Settings):
+        url = settings.celery_broker_url
+        self.client = None
+        if url.startswith(("redis://", "rediss://")):
+            import redis
+
+            self.client = redis.Redis.from_url(url, socket_timeout=SEND_TIMEOUT_S,
+                                               socket_connect_timeout=SEND_TIMEOUT_S)
+        self.seen: bytes | None = None
+
+    def lost_messages(self) -> bool:
+        if self.client is None:
+            return False
+        try:
+            current = self.client.get(EPOCH_KEY)
+            if current is None:
+                fresh = secrets.token_hex(8).encode()
+                if self.client.set(EPOCH_KEY, fresh, nx=True):
+                    self.seen = fresh
+                    return True  # new or emptied broker: whatever was queued is not in it
+                current = self.client.get(EPOCH_KEY)
+            self.seen = current
+            return False
+        except Exception:  # noqa: BLE001 - a broker that is down now is checked next pass
+            log.warning("broker epoch check failed", exc_info=True)
+            return False

@@ -36,6 +36,41 @@ class Settings(BaseSettings):
                                     "trainer.builtin from DRIFTSAFE_WORLDS_DIR); default "
                                     "~/.cache/driftsafe/worlds.")
 
+    # --- Limits. Each says what it bounds; errors that enforce one name it. ---
+    max_json_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest JSON request "
+                                     "body (every route but file upload).")
+    rate_limit_per_minute: int = Field(600, ge=0, description="Requests per tenant per minute, "
+                                       "per API process (0: no limit); over it: 429.")
+    rate_limit_burst: int = Field(120, ge=1, description="Requests a tenant may send at once "
+                                  "before the per-minute rate applies.")
+    max_running_jobs: int = Field(4, ge=1, description="A tenant's queued plus running jobs.")
+    max_storage_bytes: int = Field(2 * 1024**3, ge=1, description="A tenant's uploaded bytes.")
+    max_job_steps: int = Field(100_000, ge=1, description="Optimizer steps one job may take "
+                               "(epochs x ceil(examples / batch size)).")
+    max_job_tokens: int = Field(2_000_000_000, ge=1, description="Tokens one job may train on "
+                                "(epochs x tokens of the training file).")
+    task_time_limit_base_seconds: float = Field(1800.0, gt=0, description="Fixed part of a task's "
+                                                "time limit: loading, scoring, saving.")
+    task_time_limit_per_step_seconds: float = Field(30.0, gt=0, description="Time limit per "
+                                                    "optimizer step, added to the base.")
+    keep_last_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per job besides "
+                                       "every drift-safe one; older ones are deleted.")
+    max_lost_without_progress: int = Field(3, ge=1, description="Worker losses in a row with no "
+                                           "new checkpoint before a job fails (poison pill).")
+    key_cache_seconds: float = Field(30.0, ge=0, description="How long a verified API key is "
+                                     "trusted without a database lookup (revocation delay).")
+    idempotency_ttl_seconds: float = Field(24 * 3600.0, gt=0)
+    enqueue_grace_seconds: float = Field(30.0, gt=0, description="Age of a queued job with no "
+                                         "recorded wake-up message before the reaper sends one.")
+    broker_down_retry_seconds: float = Field(10.0, gt=0, description="After a failed send, how "
+                                             "long the API skips the broker (the reaper sends).")
+    db_pool_size: int = Field(20, ge=1)
+    db_max_overflow: int = Field(20, ge=0)
+    webhook_allow_private: bool = Field(False, description="Allow webhook URLs on loopback, "
+                                        "private and link-local addresses (tests, closed nets).")
+    webhook_deadline_seconds: float = Field(10.0, gt=0, description="Wall-clock limit of one "
+                                            "webhook delivery, connect to status line.")
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, v: Path) -> Path:

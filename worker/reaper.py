@@ -1,6 +1,13 @@
-"""Recovery, run on a timer in every worker: jobs whose worker died go back to the queue (they
-resume from their last checkpoint), queued jobs whose message was lost are re-sent, and due
-webhooks are delivered. Each step is a guarded UPDATE, so many reapers can run at once."""
+"""Recovery, run on a timer in every worker. Each step is a guarded UPDATE, so many reapers can
+run at once:
+- a running job whose heartbeat is stale lost its worker: it goes back to the queue and resumes
+  from its last checkpoint; it ends `cancelled` if a cancel was asked, and `failed` after
+  `max_lost_without_progress` losses in a row with no new checkpoint (a job that kills its worker);
+- a queued job with no recorded wake-up message (the API died or the broker was down between the
+  commit and the send) gets one, and so does every queued job once the broker is found to have
+  lost its messages (a restarted Redis without persistence); a healthy backlog is left alone;
+- expired idempotency records are purged.
+"""
 
 from __future__ import annotations
 
@@ -8,68 +15,102 @@ import logging
 import threading
 import time
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, or_, select, update
 
 from store.db import session_scope
-from store.models import Job, JobEvent
-from store.queue import enqueue_job
+from store.jobstate import JobStatus, transition
+from store.models import IdempotencyRecord, Job
+from store.queue import BrokerEpoch, backstop_time_limit, enqueue_job
 from store.settings import Settings
-from worker.lifecycle import MAX_ATTEMPTS
-from worker.webhooks import deliver_due
+from worker.lifecycle import latest_checkpoint_step
 
 log = logging.getLogger(__name__)
 
 
+def _end_of_stale(s, job: Job, max_lost: int) -> tuple[JobStatus, dict, str, str]:
+    """What a stale running job becomes: (status, values, event message, level)."""
+    if job.cancel_requested:
+        return (JobStatus.CANCELLED, {}, "Worker stopped responding after a cancel request; "
+                "job cancelled, its last checkpoint is kept.", "warn")
+    progressed = latest_checkpoint_step(s, job.id) > (job.claimed_step or 0)
+    lost = 0 if progressed else job.lost_without_progress + 1
+    if lost >= max_lost:
+        return (JobStatus.FAILED, {"lost_without_progress": lost, "error": {
+            "code": "worker_lost", "param": None,
+            "message": f"The job's worker stopped {lost} times in a row without saving a new "
+                       "checkpoint; giving up (the job may be crashing its worker)."}},
+            "Worker stopped responding again without progress; job failed.", "error")
+    return (JobStatus.QUEUED, {"lost_without_progress": lost, "worker_id": None,
+                               "enqueued_at": None, "progress": None},
+            "Worker stopped responding; job re-queued to resume from its last checkpoint.", "warn")
+
+
 def requeue_stale(settings: Settings) -> list[str]:
-    """running jobs with a stale heartbeat -> queued (or failed after MAX_ATTEMPTS)."""
+    """running jobs with a stale heartbeat -> queued, cancelled or failed. Returns the queued."""
     cutoff = time.time() - settings.stale_after_seconds
     moved = []
     with session_scope(settings) as s:
-        stale = list(s.scalars(select(Job).where(Job.status == "running",
+        stale = list(s.scalars(select(Job).where(Job.status == JobStatus.RUNNING,
                                                  Job.heartbeat_at < cutoff)))
         for job in stale:
-            out_of_tries = job.attempts >= MAX_ATTEMPTS
-            values = ({"status": "failed", "finished_at": int(time.time()),
-                       "error": {"code": "worker_lost", "param": None,
-                                 "message": f"The job's worker stopped {job.attempts} times; "
-                                            "giving up."}}
-                      if out_of_tries else
-                      {"status": "queued", "worker_id": None, "enqueued_at": time.time()})
-            r = s.execute(update(Job).where(Job.id == job.id, Job.status == "running",
-                                            Job.heartbeat_at == job.heartbeat_at).values(**values))
-            if r.rowcount == 1:
-                s.add(JobEvent(tenant_id=job.tenant_id, job_id=job.id, level="warn",
-                               message="Worker stopped responding; " + (
-                                   "job failed." if out_of_tries else
-                                   "job re-queued to resume from its last checkpoint.")))
-                if not out_of_tries:
-                    moved.append(job.id)
+            to, values, message, level = _end_of_stale(s, job, settings.max_lost_without_progress)
+            # Guarded on the heartbeat we read: a worker that beat meanwhile keeps its job.
+            if transition(s, job.id, to, leaving=[JobStatus.RUNNING],
+                          where=[Job.heartbeat_at == job.heartbeat_at], values=values,
+                          message=message, level=level) and to == JobStatus.QUEUED:
+                moved.append(job.id)
     return moved
 
 
-def resend_lost(settings: Settings) -> list[str]:
-    """queued jobs whose wake-up message is older than requeue_after: send another."""
-    cutoff = time.time() - settings.requeue_after_seconds
+def unsent_jobs(settings: Settings, everything: bool) -> list[str]:
+    """Queued jobs with no recorded wake-up message (all queued jobs if `everything`)."""
+    grace = time.time() - settings.enqueue_grace_seconds
     with session_scope(settings) as s:
-        lost = list(s.scalars(select(Job.id).where(Job.status == "queued",
-                                                   Job.enqueued_at < cutoff)))
-        s.execute(update(Job).where(Job.id.in_(lost), Job.status == "queued")
-                  .values(enqueued_at=time.time()))
-    return lost
+        query = select(Job.id).where(Job.status == JobStatus.QUEUED)
+        if not everything:
+            query = query.where(Job.enqueued_at.is_(None), or_(
+                Job.created_at < grace, Job.started_at.is_not(None)))
+        return list(s.scalars(query.order_by(Job.seq)))
 
 
-def reap_once(settings: Settings, celery_app) -> None:
-    for job_id in requeue_stale(settings) + resend_lost(settings):
-        enqueue_job(celery_app, job_id)
+def send(settings: Settings, celery_app, job_ids: list[str]) -> int:
+    sent = 0
+    for job_id in job_ids:
+        with session_scope(settings) as s:
+            steps = s.scalar(select(Job.total_steps).where(Job.id == job_id))
+        if not enqueue_job(celery_app, job_id, backstop_time_limit(settings, steps)):
+            break  # the broker is down: the rest stay unsent for the next pass
+        with session_scope(settings) as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+                      .values(enqueued_at=time.time()))
+        sent += 1
+    return sent
+
+
+def purge_idempotency(settings: Settings) -> None:
     with session_scope(settings) as s:
-        deliver_due(s)
+        s.execute(delete(IdempotencyRecord).where(
+            IdempotencyRecord.created_at < time.time() - settings.idempotency_ttl_seconds))
+
+
+def reap_once(settings: Settings, celery_app, epoch: BrokerEpoch | None = None) -> None:
+    requeued = requeue_stale(settings)
+    lost_all = epoch.lost_messages() if epoch is not None else False
+    if lost_all:
+        log.warning("the broker lost its messages (restarted without persistence); re-sending "
+                    "every queued job")
+    send(settings, celery_app, requeued + [j for j in unsent_jobs(settings, lost_all)
+                                           if j not in requeued])
+    purge_idempotency(settings)
 
 
 def start_reaper(settings: Settings, celery_app, every_s: float = 5.0) -> threading.Thread:
+    epoch = BrokerEpoch(settings)
+
     def loop():
         while True:
             try:
-                reap_once(settings, celery_app)
+                reap_once(settings, celery_app, epoch)
             except Exception:  # noqa: BLE001 - a reaper that dies silently would be worse
                 log.exception("reaper pass failed")
             time.sleep(every_s)

@@ -121,9 +121,9 @@ def _fail(settings: Settings, job: Job, worker_id: str, e: Exception) -> str:
     log.exception("job %s failed", job.id)
     with session_scope(settings) as s:
         if not finish_job(s, job.id, worker_id, "failed", error={
-                "code": "training_failed", "message": message[:2000], "param": None}):
+                "code": getattr(e, "code", "training_failed"), "message": message[:2000],
+                "param": None}, message=f"Job failed: {message[:500]}", level="error"):
             return "lost"
-        add_event(s, job, f"Job failed: {message[:500]}", level="error")
     return "failed"
 
 
@@ -193,19 +193,20 @@ def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: st
         results_id = _results_file(s, artifacts, job, history)
         if result.status == "cancelled":
             if not finish_job(s, job.id, worker_id, "cancelled", hyperparameters=hp,
-                              trained_tokens=result.trained_tokens, result_files=[results_id]):
+                              trained_tokens=result.trained_tokens, result_files=[results_id],
+                              message=f"Job cancelled at step {result.step}; its last "
+                                      "checkpoint is kept."):
                 return "lost"
-            add_event(s, job, f"Job cancelled at step {result.step}; its last checkpoint is kept.")
             return "cancelled"
         suffix = f":{job.suffix}" if job.suffix else ""
+        safe = (result.report or {}).get("drift_safe")
         if not finish_job(
                 s, job.id, worker_id, "succeeded", hyperparameters=hp, evaluation=result.report,
                 trained_tokens=result.trained_tokens, result_files=[results_id],
-                fine_tuned_model=f"ft:{job.model}:{job.tenant_id}{suffix}:{job.id}"):
+                fine_tuned_model=f"ft:{job.model}:{job.tenant_id}{suffix}:{job.id}",
+                message="The job has successfully completed" + (
+                    f"; drift-safe: {safe}" if safe is not None else "")):
             return "lost"
-        safe = (result.report or {}).get("drift_safe")
-        add_event(s, job, "The job has successfully completed" + (
-            f"; drift-safe: {safe}" if safe is not None else ""))
     return "succeeded"
 
 
