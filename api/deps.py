@@ -7,10 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from api.auth import TenantRef
 from api.errors import APIError
 from store.artifacts import ArtifactStore
-from store.keys import tenant_for_key
-from store.models import Tenant
 from store.settings import Settings
 
 
@@ -19,6 +18,8 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_session(request: Request):
+    # A session takes a pooled connection at its first query and gives it back when its
+    # transaction ends, so a request never holds one while it waits for anything else.
     session = request.app.state.sessions()
     try:
         yield session
@@ -35,17 +36,23 @@ SessionDep = Annotated[Session, Depends(get_session)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 
 
-def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> Tenant:
+def get_tenant(request: Request) -> TenantRef:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
                        type="authentication_error", code="missing_api_key")
-    tenant = tenant_for_key(session, settings.hmac_key(), key.strip())
+    state = request.app.state
+    tenant = state.keys.tenant_for(state.sessions, key.strip())
     if tenant is None:
         raise APIError(401, "Incorrect or revoked API key.", type="authentication_error",
                        code="invalid_api_key")
+    wait = state.rate_limiter.retry_after(tenant.id)
+    if wait:
+        raise APIError(429, f"Rate limit of {state.settings.rate_limit_per_minute} requests per "
+                            f"minute exceeded; retry in {wait} s.", type="rate_limit_error",
+                       code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
     return tenant
 
 
-CurrentTenant = Annotated[Tenant, Depends(get_tenant)]
+CurrentTenant = Annotated[TenantRef, Depends(get_tenant)]

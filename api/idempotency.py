@@ -1,9 +1,15 @@
-"""Idempotency-Key for POSTs (API.md): same key and body within 24 h replays the first response;
-same key, other body is 422; a request still in flight with that key is 409. Keys are per tenant.
+"""Idempotency-Key for POSTs (API.md): the same key and body within the TTL replays the first
+response; the same key with another body is 422. Keys are per tenant.
 
-The in-flight marker is committed in its own transaction before the work starts, so a concurrent
-duplicate sees it (the unique (tenant, key) constraint decides races). A 5xx or an exception
-removes the marker, so a failed request can be retried with the same key.
+The stored response is written in the same transaction as the work it describes, so a crash can
+leave neither a job without its record nor a record stuck "in flight". A concurrent duplicate
+waits on the unique (tenant, key) index until the first commits, then replays its response (on
+PostgreSQL the second INSERT blocks on the first's uncommitted row; SQLite serialises writers).
+
+The unit of work is this object's: `produce` stages rows on the request's session without
+committing; `run` commits once and then calls what `produce` registered with `after_commit`
+(e.g. sending the job's wake-up message) or, if the commit failed, `on_rollback` (e.g. deleting a
+file already written to the artifact store).
 """
 
 from __future__ import annotations
@@ -15,15 +21,15 @@ from typing import Annotated, Callable
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import CurrentTenant
+from api.deps import CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from store.models import IdempotencyRecord
 
-TTL_SECONDS = 24 * 3600
 MAX_KEY_LENGTH = 255
+SECRET_FIELDS = ("secret",)  # shown once, when made: never kept in a stored response
 
 
 def fingerprint(route: str, body: object) -> str:
@@ -32,80 +38,92 @@ def fingerprint(route: str, body: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _storable(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k not in SECRET_FIELDS} if isinstance(body, dict) \
+        else body
+
+
 class Idempotency:
-    def __init__(self, request: Request, tenant: CurrentTenant):
+    def __init__(self, request: Request, tenant: CurrentTenant, session: SessionDep,
+                 settings: SettingsDep):
         self.key = request.headers.get("idempotency-key")
-        self.sessions = request.app.state.sessions
-        self.tenant_id = tenant.id
+        self.session, self.tenant_id = session, tenant.id
+        self.ttl_s = settings.idempotency_ttl_seconds
         self.route = f"{request.method} {request.url.path}"
-        if self.key is not None and not 1 <= len(self.key) <= MAX_KEY_LENGTH:
-            raise APIError(400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters.",
-                           param="Idempotency-Key")
+        self._after: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], None]] = []
+        if self.key is not None and not (1 <= len(self.key) <= MAX_KEY_LENGTH
+                                         and self.key.isprintable()):
+            raise APIError(400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable "
+                                "characters.", param="Idempotency-Key",
+                           code="invalid_idempotency_key")
 
-    def _claim(self, fingerprint: str) -> JSONResponse | None:
-        """Insert the in-flight marker, or return what an earlier request with this key decides."""
-        for _ in range(2):
-            with self.sessions() as s:
-                s.add(IdempotencyRecord(tenant_id=self.tenant_id, key=self.key,
-                                        fingerprint=fingerprint))
-                try:
-                    s.commit()
-                    return None
-                except IntegrityError:
-                    s.rollback()
-                found = s.scalar(select(IdempotencyRecord).where(
-                    IdempotencyRecord.tenant_id == self.tenant_id,
-                    IdempotencyRecord.key == self.key))
-                if found is None:
-                    continue  # removed between our insert and read: try again
-                if found.created_at < time.time() - TTL_SECONDS:
-                    s.delete(found)
-                    s.commit()
-                    continue
-                if found.fingerprint != fingerprint:
-                    raise APIError(422, "This Idempotency-Key was used with a different request; "
-                                        "use a new key for a new request.",
-                                   param="Idempotency-Key", code="idempotency_key_reused")
-                if found.state == "in_flight":
-                    raise APIError(409, "A request with this Idempotency-Key is still in progress.",
-                                   param="Idempotency-Key", code="idempotency_in_flight")
-                return JSONResponse(found.response, status_code=found.status_code,
-                                    headers={"Idempotent-Replayed": "true"})
-        raise APIError(409, "Idempotency-Key is contended; retry.", param="Idempotency-Key")
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        self._after.append(fn)
 
-    def _forget(self) -> None:
-        with self.sessions() as s:
-            s.execute(delete(IdempotencyRecord).where(IdempotencyRecord.tenant_id == self.tenant_id,
-                                                      IdempotencyRecord.key == self.key))
-            s.commit()
+    def on_rollback(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    def _find(self) -> IdempotencyRecord | None:
+        return self.session.scalar(select(IdempotencyRecord).where(
+            IdempotencyRecord.tenant_id == self.tenant_id, IdempotencyRecord.key == self.key))
+
+    def _replay(self, found: IdempotencyRecord, fp: str) -> Response:
+        if found.fingerprint != fp:
+            raise APIError(422, "This Idempotency-Key was used with a different request; use a "
+                                "new key for a new request.", param="Idempotency-Key",
+                           code="idempotency_key_reused")
+        return JSONResponse(found.response, status_code=found.status_code,
+                            headers={"Idempotent-Replayed": "true"})
+
+    def _rollback(self) -> None:
+        self.session.rollback()
+        for undo in self._undo:
+            undo()
 
     def run(self, body_fingerprint: object, produce: Callable[[], JSONResponse]) -> Response:
-        if self.key is None:
-            return produce()
-        replay = self._claim(fingerprint(self.route, body_fingerprint))
-        if replay is not None:
-            return replay
+        fp = fingerprint(self.route, body_fingerprint) if self.key is not None else None
+        if self.key is not None:
+            found = self._find()
+            fresh = found is not None and found.created_at >= time.time() - self.ttl_s
+            if fresh and found.state == "done":
+                self.session.rollback()
+                return self._replay(found, fp)
+            if found is not None:  # expired, or an in-flight marker of an older release: free
+                self.session.delete(found)
+                self.session.flush()
         try:
             response = produce()
         except APIError as e:
-            if e.status >= 500:
-                self._forget()
-                raise
+            self._rollback()
+            if self.key is None or e.status >= 500 or e.status == 429:
+                raise  # not stored: a retry with the same key may succeed
             response = JSONResponse({"error": {"message": e.message, "type": e.type,
                                                "param": e.param, "code": e.code}},
-                                    status_code=e.status)
+                                    status_code=e.status, headers=e.headers)
         except BaseException:
-            self._forget()
+            self._rollback()
             raise
-        if response.status_code >= 500:
-            self._forget()
-            return response
-        with self.sessions() as s:
-            rec = s.scalar(select(IdempotencyRecord).where(
-                IdempotencyRecord.tenant_id == self.tenant_id, IdempotencyRecord.key == self.key))
-            rec.state, rec.status_code = "done", response.status_code
-            rec.response = json.loads(response.body)
-            s.commit()
+        try:
+            if self.key is not None:
+                self.session.add(IdempotencyRecord(
+                    tenant_id=self.tenant_id, key=self.key, fingerprint=fp, state="done",
+                    status_code=response.status_code,
+                    response=_storable(json.loads(response.body)), created_at=time.time()))
+            self.session.commit()
+        except IntegrityError:
+            self._rollback()
+            if self.key is None:
+                raise
+            found = self._find()  # a concurrent duplicate committed first: answer as it did
+            if found is None:
+                raise
+            return self._replay(found, fp)
+        except BaseException:
+            self._rollback()
+            raise
+        for fn in self._after:
+            fn()
         return response
 
 

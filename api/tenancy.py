@@ -9,13 +9,13 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, not_found
-from store.models import Tenant
+from api.auth import TenantRef
 
 T = TypeVar("T")
 
 
 class Scoped:
-    def __init__(self, session: Session, tenant: Tenant):
+    def __init__(self, session: Session, tenant: TenantRef):
         self.session, self.tenant = session, tenant
 
     def select(self, model: type[T]) -> Select:

@@ -24,7 +24,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 20, max_overflow: int = 20) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -32,12 +32,14 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # pre-ping: a connection that died with a database restart is replaced, not handed out.
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
+                         pool_timeout=10)
 
 
 @lru_cache
-def engine_for(url: str) -> Engine:
-    engine = make_engine(url)
+def engine_for(url: str, pool_size: int = 20, max_overflow: int = 20) -> Engine:
+    engine = make_engine(url, pool_size, max_overflow)
     _engines_made.append(engine)
     return engine
 
@@ -55,7 +57,8 @@ os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
     settings = settings or get_settings()
-    return sessionmaker(engine_for(settings.sqlalchemy_url), expire_on_commit=False)
+    engine = engine_for(settings.sqlalchemy_url, settings.db_pool_size, settings.db_max_overflow)
+    return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy import func, select, update
 
 from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
@@ -14,12 +16,12 @@ from api.models_registry import known_model_ids
 from api.schemas import (FineTuningJob, JobCreate, ListOf, checkpoint_object, event_object,
                          job_object)
 from api.tenancy import Scoped, list_body
-from store.models import Checkpoint, Job, JobEvent, StoredFile
-from store.queue import enqueue_job
-from trainer.spec import Method, TrainSpec
+from store.jobstate import ACTIVE, JobStatus, add_event, transition
+from store.models import Checkpoint, Job, JobEvent, StoredFile, by_public_id
+from store.queue import backstop_time_limit
+from trainer.spec import Method, TrainSpec, resolve_auto
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def _training_spec(body: JobCreate) -> TrainSpec:
@@ -48,31 +50,68 @@ def _file_for(scoped: Scoped, file_id: str | None, param: str, *, qa_only: bool 
     return row
 
 
+def _planned_steps(spec: TrainSpec, examples: int, settings) -> int:
+    """Optimizer steps the job will take, checked against the cap before anything is queued."""
+    hp = resolve_auto(spec, examples).method.hyperparameters
+    steps = hp.n_epochs * math.ceil(examples / hp.batch_size)
+    if steps > settings.max_job_steps:
+        block = f"method.{spec.method.type}.hyperparameters"
+        raise APIError(400, f"The job would take {steps} steps ({hp.n_epochs} epochs x "
+                            f"{math.ceil(examples / hp.batch_size)} batches of {hp.batch_size}); "
+                            f"the cap is max_job_steps={settings.max_job_steps}. Use fewer "
+                            "epochs or a larger batch.", param=f"{block}.n_epochs",
+                       code="job_too_large")
+    return steps
+
+
+def _check_running_quota(session, tenant, settings) -> None:
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant.id, Job.status.in_(ACTIVE)))
+    if active >= settings.max_running_jobs:
+        raise APIError(429, f"This organization already has {active} queued or running jobs; the "
+                            f"limit is max_running_jobs={settings.max_running_jobs}. Wait for "
+                            "one to finish or cancel one.", type="rate_limit_error",
+                       code="quota_running_jobs", headers={"Retry-After": "60"})
+
+
+def _send_wake_up(request: Request, job_id: str, total_steps: int) -> None:
+    """After the response: send the message, then record that it was sent. If this never runs
+    (the process died, the broker is down), the reaper sends it."""
+    state = request.app.state
+    if state.sender.send(job_id, backstop_time_limit(state.settings, total_steps)):
+        with state.sessions() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.enqueued_at.is_(None))
+                      .values(enqueued_at=time.time()))
+            s.commit()
+
+
 @router.post("/jobs", response_model=FineTuningJob, summary="Create a fine-tuning job")
-def create_job(body: JobCreate, request: Request, session: SessionDep, tenant: CurrentTenant,
-               settings: SettingsDep, idem: IdempotencyDep):
+def create_job(body: JobCreate, request: Request, background: BackgroundTasks,
+               session: SessionDep, tenant: CurrentTenant, settings: SettingsDep,
+               idem: IdempotencyDep):
     def produce() -> JSONResponse:
         if body.model not in known_model_ids(settings):
             raise APIError(400, f"Unknown model '{body.model}'; GET /v1/models lists the models "
                                 "this service can fine-tune.", param="model", code="model_not_found")
         spec = _training_spec(body)
         scoped = Scoped(session, tenant)
-        _file_for(scoped, body.training_file, "training_file")
+        training = _file_for(scoped, body.training_file, "training_file")
         _file_for(scoped, body.validation_file, "validation_file")
         _file_for(scoped, body.evaluation.known_facts_file, "evaluation.known_facts_file",
                   qa_only=True)
+        steps = _planned_steps(spec, training.lines, settings)
+        _check_running_quota(session, tenant, settings)
         job = Job(tenant_id=tenant.id, model=body.model, training_file=body.training_file,
                   validation_file=body.validation_file,
                   known_facts_file=body.evaluation.known_facts_file,
                   spec=spec.model_dump(mode="json"), suffix=body.suffix,
-                  job_metadata=body.metadata, status="queued", enqueued_at=time.time())
+                  job_metadata=body.metadata, status=JobStatus.QUEUED, total_steps=steps,
+                  enqueued_at=None)
         session.add(job)
         session.flush()
-        session.add(JobEvent(tenant_id=tenant.id, job_id=job.id, level="info",
-                             message=f"Created fine-tuning job: {job.id}"))
-        session.commit()
+        add_event(session, job, f"Created fine-tuning job: {job.id}")
         # The row is committed first: the message only wakes a worker, which reads the row.
-        enqueue_job(request.app.state.celery, job.id)
+        idem.after_commit(lambda: background.add_task(_send_wake_up, request, job.id, steps))
         return JSONResponse(job_object(job))
 
     return idem.run(body.model_dump(mode="json"), produce)
@@ -85,20 +124,10 @@ def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant,
     query = scoped.select(Job)
     if status:
         query = query.where(Job.status == status)
-    wanted = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
-              if k.startswith("metadata[") and k.endswith("]")}
-    if wanted:
-        # Metadata is JSON without a portable index: filter in Python over this tenant's jobs.
-        rows = [j for j in session.scalars(query.order_by(Job.seq.desc()))
-                if all((j.job_metadata or {}).get(k) == v for k, v in wanted.items())]
-        if after:
-            ids = [j.id for j in rows]
-            if after not in ids:
-                raise APIError(400, f"No job with id '{after}' to page after.", param="after")
-            rows = rows[ids.index(after) + 1:]
-        if not 1 <= limit <= 100:
-            raise APIError(400, "limit must be between 1 and 100.", param="limit")
-        return list_body([job_object(j) for j in rows[:limit]], len(rows) > limit)
+    for k, v in request.query_params.items():
+        if k.startswith("metadata[") and k.endswith("]"):
+            # JSON path lookups: ->> on PostgreSQL, json_extract on SQLite; filtered in the query.
+            query = query.where(Job.job_metadata[k[len("metadata["):-1]].as_string() == v)
     rows, more = scoped.page(query, Job, after=after, limit=limit)
     return list_body([job_object(j) for j in rows], more)
 
@@ -111,18 +140,22 @@ def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant):
 @router.post("/jobs/{job_id}/cancel", response_model=FineTuningJob, summary="Cancel a job")
 def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, idem: IdempotencyDep):
     def produce() -> JSONResponse:
-        job = Scoped(session, tenant).get(Job, job_id, "fine-tuning job")
-        if job.status in FINISHED:
+        Scoped(session, tenant).get(Job, job_id, "fine-tuning job")  # 404 for other tenants
+        # Guarded writes: a job claimed between our read and our write is cancelled as running.
+        job = transition(session, job_id, JobStatus.CANCELLED, leaving=[JobStatus.QUEUED],
+                         values={"cancel_requested": True},
+                         message="Job cancelled before it started.")
+        if job is None and session.execute(
+                update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                .values(cancel_requested=True)).rowcount == 1:
+            job = by_public_id(session, Job, job_id)
+            session.refresh(job)
+            add_event(session, job, "Cancellation requested; the job stops at its next step.")
+        if job is None:
+            job = by_public_id(session, Job, job_id)
+            session.refresh(job)
             raise APIError(409, f"Job '{job_id}' has already {job.status}; only queued or running "
                                 "jobs can be cancelled.", code="job_finished")
-        if job.status == "running":
-            job.cancel_requested = True  # the worker stops at its next step and ends the job
-            message = "Cancellation requested; the job stops at its next step."
-        else:
-            job.status, job.finished_at, job.cancel_requested = "cancelled", int(time.time()), True
-            message = "Job cancelled before it started."
-        session.add(JobEvent(tenant_id=tenant.id, job_id=job.id, level="info", message=message))
-        session.commit()
         return JSONResponse(job_object(job))
 
     return idem.run({"cancel": job_id}, produce)

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from store.db import engine_for, migrate, session_scope
+from store.db import migrate, session_factory, session_scope
 from store.keys import create_key, create_tenant
 from store.settings import Settings
 
@@ -26,8 +26,9 @@ def settings(request, tmp_path):
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    yield Settings(data_dir=tmp_path / "data", database_url=url, secret_key="test-secret")
-    engine_for(url).dispose()
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, secret_key="test-secret")
+    yield settings
+    session_factory(settings).kw["bind"].dispose()
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -222,13 +222,51 @@ def test_second_tenant_sees_404_for_every_object_of_the_first(client, alice, bob
 
 
 def test_missing_wrong_and_revoked_keys_are_401(client, alice, settings):
+    import time
+
+    client.app.state.keys.ttl_s = 0.3  # verified keys are cached this long (key_cache_seconds)
     assert client.get("/v1/files").status_code == 401
     r = client.get("/v1/files", headers={"Authorization": "Bearer dsk-wrong"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert client.get("/v1/files", headers=h(alice)).status_code == 200
     with session_scope(settings) as s:
         revoke_key(s, alice["_key_id"])
+    time.sleep(0.4)  # a revoked key stops working within the cache period
     assert client.get("/v1/files", headers=h(alice)).status_code == 401
+
+
+def test_authenticated_read_costs_one_query(client, alice, settings):
+    """The key is verified once, then cached: a job read is the one SELECT of the job."""
+    from sqlalchemy import event
+
+    fid = upload(client, alice).json()["id"]
+    job_id = create_job(client, alice, fid).json()["id"]
+    engine = client.app.state.sessions.kw["bind"]
+    statements = []
+
+    def count_statement(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count_statement)
+    try:
+        r = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=h(alice))
+    finally:
+        event.remove(engine, "before_cursor_execute", count_statement)
+    assert r.status_code == 200
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(selects) == 1, statements
+
+
+def test_rate_limit_is_429_with_retry_after(client, alice, bob):
+    from api.auth import RateLimiter
+
+    client.app.state.rate_limiter = RateLimiter(per_minute=60, burst=3)
+    codes = [client.get("/v1/files", headers=h(alice)).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    r = client.get("/v1/files", headers=h(alice))
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert client.get("/v1/files", headers=h(bob)).status_code == 200  # per tenant
 
 
 def test_keys_are_stored_only_as_hashes(client, alice, settings):
@@ -260,21 +298,50 @@ def test_idempotency_keys_are_scoped_per_tenant(client, alice, bob, settings):
     assert upload(client, alice, **{"Idempotency-Key": "same"}).json()["id"] == a_file
 
 
-def test_in_flight_idempotency_key_is_409_and_stores_nothing(client, alice, settings):
-    import hashlib
+def test_job_and_its_idempotency_record_commit_together(client, alice, settings, monkeypatch):
+    """A failure after the job is staged but before the response is stored leaves neither."""
+    from store.models import IdempotencyRecord
+    fid = upload(client, alice).json()["id"]
 
-    from api.idempotency import fingerprint
-    from store.models import IdempotencyRecord, Tenant
-    body = {"purpose": "fine-tune", "filename": "train.jsonl",
-            "sha256": hashlib.sha256(jsonl(QA_LINES)).hexdigest()}
-    with session_scope(settings) as s:  # as if a first request with this key were still running
-        tenant = s.query(Tenant).filter_by(name="alice").one()
-        s.add(IdempotencyRecord(tenant_id=tenant.id, key="busy",
-                                fingerprint=fingerprint("POST /v1/files", body)))
-    r = upload(client, alice, **{"Idempotency-Key": "busy"})
-    assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_in_flight"
-    assert count(settings, StoredFile) == 0
-    assert upload(client, alice, **{"Idempotency-Key": "other"}).status_code == 200
+    def crash(_body):
+        raise RuntimeError("crash between the job and its stored response")
+
+    monkeypatch.setattr("api.idempotency._storable", crash)
+    body = {"model": "driftsafe-factlm-tiny", "training_file": fid}
+    hd = h(alice, **{"Idempotency-Key": "k-crash"})
+    from fastapi.testclient import TestClient
+    r = TestClient(client.app, raise_server_exceptions=False).post(
+        "/v1/fine_tuning/jobs", headers=hd, json=body)
+    assert r.status_code == 500
+    assert count(settings, Job) == 0 and count(settings, IdempotencyRecord) == 0
+    monkeypatch.undo()
+    r = client.post("/v1/fine_tuning/jobs", headers=hd, json=body)  # the key is free again
+    assert r.status_code == 200 and count(settings, Job) == 1
+
+
+def test_concurrent_duplicates_make_one_job_and_get_the_same_answer(client, alice, settings):
+    from concurrent.futures import ThreadPoolExecutor
+    fid = upload(client, alice).json()["id"]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: client.post(
+            "/v1/fine_tuning/jobs", headers=h(alice, **{"Idempotency-Key": "race"}),
+            json={"model": "driftsafe-factlm-tiny", "training_file": fid}), range(6)))
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert count(settings, Job) == 1
+
+
+def test_stored_webhook_response_keeps_no_secret(client, alice, settings):
+    from store.models import IdempotencyRecord
+    hd = h(alice, **{"Idempotency-Key": "wh-1"})
+    body = {"url": "https://example.com/hook"}
+    first = client.post("/v1/webhooks", headers=hd, json=body)
+    assert first.status_code == 200 and first.json()["secret"].startswith("whsec_")
+    with session_scope(settings) as s:
+        stored = s.query(IdempotencyRecord).filter_by(key="wh-1").one().response
+    assert "secret" not in stored and first.json()["secret"] not in str(stored)
+    again = client.post("/v1/webhooks", headers=hd, json=body)
+    assert again.json()["id"] == first.json()["id"] and "secret" not in again.json()
 
 
 def test_models_openapi_and_health(client, alice):

@@ -1,0 +1,84 @@
+"""Who is calling: API-key verification with a short-lived cache, and the per-tenant rate limit.
+
+A verified key is trusted for `key_cache_seconds` without touching the database, so an
+authenticated read costs the one query that reads what was asked for. The price is that a revoked
+key keeps working on an API process for at most that long (the setting says so). Unknown keys are
+remembered briefly too, so a flood of bad keys does not become a flood of queries.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from store.keys import hash_key
+from store.models import ApiKey, Tenant
+
+NEGATIVE_TTL_S = 5.0
+MAX_CACHED_KEYS = 10_000
+
+
+@dataclass(frozen=True)
+class TenantRef:
+    """The caller's tenant: what routes need of it, detached from any session."""
+
+    id: str
+    name: str
+
+
+class KeyCache:
+    def __init__(self, secret: bytes, ttl_s: float):
+        self.secret, self.ttl_s = secret, ttl_s
+        self._entries: dict[str, tuple[TenantRef | None, float]] = {}
+        self._lock = threading.Lock()
+
+    def tenant_for(self, session_factory, clear_key: str) -> TenantRef | None:
+        digest = hash_key(self.secret, clear_key)
+        hit = self._entries.get(digest)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        with session_factory() as session:
+            tenant = lookup(session, digest)
+        ttl = self.ttl_s if tenant is not None else min(self.ttl_s, NEGATIVE_TTL_S)
+        if ttl > 0:
+            with self._lock:
+                if len(self._entries) >= MAX_CACHED_KEYS:
+                    self._entries.clear()  # crude but bounded; refills at one query per key
+                self._entries[digest] = (tenant, time.monotonic() + ttl)
+        return tenant
+
+
+def lookup(session: Session, digest: str) -> TenantRef | None:
+    """One query: the key's tenant, if the key exists and is not revoked."""
+    row = session.execute(select(Tenant.id, Tenant.name).join(ApiKey, ApiKey.tenant_id == Tenant.id)
+                          .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).first()
+    return TenantRef(row.id, row.name) if row else None
+
+
+class RateLimiter:
+    """A token bucket per tenant: `burst` requests at once, refilled at `per_minute` / 60 per
+    second. Per API process: with N processes a tenant may reach N times the rate."""
+
+    def __init__(self, per_minute: int, burst: int):
+        self.rate, self.burst = per_minute / 60.0, float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, tenant_id: str) -> int:
+        """0 if the request may go ahead (and it is counted), else seconds to wait."""
+        if self.rate <= 0:
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            tokens, stamp = self._buckets.get(tenant_id, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+            if tokens >= 1:
+                self._buckets[tenant_id] = (tokens - 1, now)
+                return 0
+            self._buckets[tenant_id] = (tokens, now)
+            return max(1, math.ceil((1 - tokens) / self.rate))
