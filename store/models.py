@@ -166,10 +166,6 @@ class WebhookDelivery(Base):
     event: Mapped[str] = mapped_column(String(64))
     payload: Mapped[dict] = mapped_column(JSONType)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    # Poison-pill guard: worker losses in a row during which the job saved no new checkpoint.
-    lost_without_progress: Mapped[int] = mapped_column(Integer, default=0)
-    claimed_step: Mapped[int | None] = mapped_column(Integer, nullable=True)  # last ckpt at claim
-    total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)  # known at creation
     next_attempt_at: Mapped[float] = mapped_column(Float, default=time.time, index=True)
     delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     gave_up: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -56,6 +56,13 @@ class TrainJob:
     save_checkpoints: bool = True
     log_every_n_steps: int = 10
     device: str | None = None  # None: CUDA when present, else CPU
+    max_tokens: int | None = None  # epochs x tokens of the training set; over it: JobTooLarge
+
+
+class JobTooLarge(ValueError):
+    """The job exceeds a size cap the caller set; the message names the cap."""
+
+    code = "job_too_large"
 
 
 @dataclass
@@ -111,6 +118,10 @@ class _Run:
                         for ex in job.train_examples]
         self.steps_per_epoch = math.ceil(len(self.encoded) / self.hp.batch_size)
         self.total_steps = self.steps_per_epoch * self.hp.n_epochs
+        planned = self.hp.n_epochs * sum(len(e.input_ids) for e in self.encoded)
+        if job.max_tokens is not None and planned > job.max_tokens:
+            raise JobTooLarge(f"the job would train on {planned} tokens ({self.hp.n_epochs} "
+                              f"epochs); the cap is max_job_tokens={job.max_tokens}")
         self.pad_id = self.tokenizer.pad_token_id
         self.resume_from = latest_checkpoint(self.checkpoint_root) if job.save_checkpoints else None
         self.probe: KnowledgeProbe | None = None

@@ -10,26 +10,82 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from store.artifacts import ArtifactStore
 from store.db import session_scope
-from store.models import Job, StoredFile
+from store.models import Checkpoint, Job, StoredFile
+from store.queue import task_time_limit
 from store.settings import Settings
 from worker.lifecycle import (add_event, cancel_requested, claim_job, finish_job, heartbeat,
                               record_checkpoint)
 
 log = logging.getLogger(__name__)
 METRICS_EVENT_EVERY_S = 2.0  # metrics events; every step still lands in the results CSV
+DB_RETRY_S = 600.0  # how long a job rides out a database outage before it gives up
+HISTORY_FILE = "metrics.jsonl"  # every step's metrics, kept across resumes for the results file
 PROGRESS_EVERY_S = 1.0
 CANCEL_POLL_S = 0.5  # the stop flag is read this often, so a cancel lands within a few steps
 
 
 class JobFailure(Exception):
     """A failure whose message is meant for the client."""
+
+    def __init__(self, message: str, code: str = "training_failed"):
+        super().__init__(message)
+        self.code = code
+
+
+class MetricsHistory:
+    """Every step's metrics as JSON lines in the job's folder, so the results file of a resumed
+    job covers the steps before the resume too. Steps after the checkpoint a run resumes from are
+    dropped first: they are trained again."""
+
+    def __init__(self, job_dir: Path):
+        self.path = Path(job_dir) / HISTORY_FILE
+
+    def truncate_after(self, step: int) -> None:
+        kept = [r for r in self.rows() if r["step"] <= step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+    def append(self, metrics: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics, default=float) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _resume_step(job_dir: Path) -> int:
+    """The step the trainer will resume from: that of its newest complete checkpoint, or 0."""
+    from trainer.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(Path(job_dir) / "checkpoints")
+    return json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
+
+
+def prune_checkpoints(session, artifacts: ArtifactStore, job_id: str, keep_last: int) -> list[str]:
+    """Retention: the last `keep_last` checkpoints and every drift-safe one stay; the rows of the
+    others are deleted here and their folders returned for deletion after the commit."""
+    rows = list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)
+                                .order_by(Checkpoint.step_number.desc())))
+    doomed = [c for c in rows[keep_last:] if not c.drift_safe]
+    for c in doomed:
+        session.delete(c)
+    return [c.storage_path for c in doomed]
 
 
 def resolve_model(settings: Settings, model_id: str) -> tuple[Path, Path | None]:
@@ -44,12 +100,29 @@ def resolve_model(settings: Settings, model_id: str) -> tuple[Path, Path | None]
     raise JobFailure(f"model '{model_id}' is not available on this worker")
 
 
-class _Beat:
-    """Heartbeat thread: stamps the row, carries the latest progress, notices cancel and loss of
-    ownership; the trainer's stop flag is `should_stop`."""
+def with_db_retry(fn, what: str, give_up_after_s: float = DB_RETRY_S):
+    """Run a database write, riding out a restart or a blip of the database (the pool's
+    pre-ping replaces dead connections); re-raise once it has been down for `give_up_after_s`."""
+    deadline = time.monotonic() + give_up_after_s
+    delay = 0.2
+    while True:
+        try:
+            return fn()
+        except (OperationalError, InterfaceError):
+            if time.monotonic() > deadline:
+                raise
+            log.warning("database unavailable (%s); retrying in %.1f s", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
-    def __init__(self, settings: Settings, job_id: str, worker_id: str):
+
+class _Beat:
+    """Heartbeat thread: stamps the row, carries the latest progress, notices cancel, loss of
+    ownership and the job's time limit; the trainer's stop flag is `should_stop`."""
+
+    def __init__(self, settings: Settings, job_id: str, worker_id: str, deadline: float):
         self.settings, self.job_id, self.worker_id = settings, job_id, worker_id
+        self.deadline = deadline  # time.monotonic() by which the job must end
         self.progress: dict | None = None
         self.stop = False
         self.lost = False
@@ -57,17 +130,31 @@ class _Beat:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
 
+    @property
+    def timed_out(self) -> bool:
+        return time.monotonic() > self.deadline
+
     def should_stop(self) -> bool:
-        """Read by the trainer before every step; looks at the row at most every CANCEL_POLL_S."""
+        """Read by the trainer before every step; looks at the row at most every CANCEL_POLL_S.
+        A database that cannot be read right now does not stop training."""
+        if self.timed_out:
+            self.stop = True
         if not self.stop and time.monotonic() - self._polled >= CANCEL_POLL_S:
             self._polled = time.monotonic()
-            with session_scope(self.settings) as s:
-                self.stop = cancel_requested(s, self.job_id)
+            try:
+                with session_scope(self.settings) as s:
+                    self.stop = cancel_requested(s, self.job_id)
+            except (OperationalError, InterfaceError):
+                log.warning("cancel poll failed for %s; will look again", self.job_id)
         return self.stop
 
     def beat(self) -> None:
-        with session_scope(self.settings) as s:
-            ours, cancel = heartbeat(s, self.job_id, self.worker_id, self.progress)
+        try:
+            with session_scope(self.settings) as s:
+                ours, cancel = heartbeat(s, self.job_id, self.worker_id, self.progress)
+        except (OperationalError, InterfaceError):
+            log.warning("heartbeat failed for %s; the next one retries", self.job_id)
+            return
         self.lost = not ours
         self.stop = self.stop or cancel or self.lost
 
@@ -107,7 +194,8 @@ def run_job(settings: Settings, job_id: str, worker_id: str) -> str | None:
     artifacts = ArtifactStore(settings.artifacts_dir)
     # Beat from the moment of the claim: loading torch and the model can take longer than a
     # stale-heartbeat period, and a silent claimed job looks exactly like a dead worker.
-    with _Beat(settings, job.id, worker_id) as beat:
+    deadline = time.monotonic() + task_time_limit(settings, job.total_steps)
+    with _Beat(settings, job.id, worker_id, deadline) as beat:
         try:
             return _train(settings, artifacts, job, worker_id, beat)
         except Exception as e:  # noqa: BLE001 - every failure must end the row
@@ -119,12 +207,13 @@ def _fail(settings: Settings, job: Job, worker_id: str, e: Exception) -> str:
     message = str(e) if isinstance(e, (JobFailure, ValueError)) else (
         f"internal error during training ({type(e).__name__}); the operators have the log")
     log.exception("job %s failed", job.id)
-    with session_scope(settings) as s:
-        if not finish_job(s, job.id, worker_id, "failed", error={
+
+    def write() -> str:
+        with session_scope(settings) as s:
+            return "failed" if finish_job(s, job.id, worker_id, "failed", error={
                 "code": getattr(e, "code", "training_failed"), "message": message[:2000],
-                "param": None}, message=f"Job failed: {message[:500]}", level="error"):
-            return "lost"
-    return "failed"
+                "param": None}, message=f"Job failed: {message[:500]}", level="error") else "lost"
+    return with_db_retry(write, "fail")
 
 
 def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: str,
@@ -144,13 +233,15 @@ def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: st
     known = (known or [])[: spec.evaluation.max_known_facts]
     require_qa_facts(known, "known-fact")
     job_dir = artifacts.job_dir(job.tenant_id, job.id)
-    history: list[dict] = []
+    history = MetricsHistory(artifacts.path(job_dir))
 
     last_event, last_progress = [0.0], [0.0]
 
     def on_event(level: str, message: str) -> None:
-        with session_scope(settings) as s:
-            add_event(s, job, message, level="warn" if level == "warning" else level)
+        def write():
+            with session_scope(settings) as s:
+                add_event(s, job, message, level="warn" if level == "warning" else level)
+        with_db_retry(write, "event")
 
     def on_metrics(m: dict) -> None:
         history.append(m)
@@ -160,54 +251,71 @@ def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: st
         clock = time.monotonic()
         if clock - last_event[0] >= METRICS_EVENT_EVERY_S or m["step"] == m["total_steps"]:
             last_event[0] = clock
-            with session_scope(settings) as s:
-                add_event(s, job, f"Step {m['step']}/{m['total_steps']}: training loss="
-                                  f"{m['train_loss']:.4f}", type="metrics", data=m)
+            try:  # a metrics event is a sample: one lost to a database blip is not retried
+                with session_scope(settings) as s:
+                    add_event(s, job, f"Step {m['step']}/{m['total_steps']}: training loss="
+                                      f"{m['train_loss']:.4f}", type="metrics", data=m)
+            except (OperationalError, InterfaceError):
+                log.warning("metrics event for %s skipped: database unavailable", job.id)
         if clock - last_progress[0] >= PROGRESS_EVERY_S:
             last_progress[0] = clock
             beat.beat()  # progress is visible within a second, not a heartbeat period
 
     def on_checkpoint(info) -> None:
         rel = f"{job_dir}/checkpoints/{info.path.name}"
-        with session_scope(settings) as s:
-            record_checkpoint(s, job, info.step, rel, info.metrics)
-            if info.metrics:
-                add_event(s, job, f"Checkpoint at step {info.step}: held-out known accuracy "
-                                  f"{info.metrics.get('heldout_known_accuracy', 0):.3f}, "
-                                  f"forgetting {info.metrics.get('forgetting', 0):.3f}",
-                          type="metrics", data={
-                              "step": info.step,
-                              "known_accuracy": info.metrics.get("heldout_known_accuracy"),
-                              **info.metrics})
 
+        def write():
+            with session_scope(settings) as s:
+                record_checkpoint(s, job, info.step, rel, info.metrics)
+                if info.metrics:
+                    add_event(s, job, f"Checkpoint at step {info.step}: held-out known accuracy "
+                                      f"{info.metrics.get('heldout_known_accuracy', 0):.3f}, "
+                                      f"forgetting {info.metrics.get('forgetting', 0):.3f}",
+                              type="metrics", data={
+                                  "step": info.step,
+                                  "known_accuracy": info.metrics.get("heldout_known_accuracy"),
+                                  **info.metrics})
+                return prune_checkpoints(s, artifacts, job.id, settings.keep_last_checkpoints)
+        for path in with_db_retry(write, "checkpoint"):
+            artifacts.delete(path)  # after the rows are gone: never a row without its files
+
+    history.truncate_after(_resume_step(artifacts.path(job_dir)))
     result = train(TrainJob(spec=spec, model_dir=model_dir, train_examples=examples,
                             known_facts=known, output_dir=artifacts.path(job_dir),
-                            log_every_n_steps=1),
+                            log_every_n_steps=1, max_tokens=settings.max_job_tokens),
                    Callbacks(on_event=on_event, on_metrics=on_metrics,
                              on_checkpoint=on_checkpoint, should_stop=beat.should_stop))
     if beat.lost:
         log.warning("job %s was taken from this worker; leaving its row alone", job.id)
         return "lost"
+    if result.status == "cancelled" and beat.timed_out:
+        raise JobFailure(f"the job ran past its time limit of "
+                         f"{task_time_limit(settings, job.total_steps):.0f} s at step "
+                         f"{result.step}/{result.total_steps}; its last checkpoint is kept",
+                         code="time_limit_exceeded")
+    return with_db_retry(lambda: _finish(settings, artifacts, job, worker_id, result,
+                                         history.rows()), "finish")
+
+
+def _finish(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: str, result,
+            history: list[dict]) -> str:
+    """The final transaction: results file, status, evaluation, event and webhooks together."""
     hp = result.spec.method.hyperparameters.model_dump(mode="json")
+    common = dict(hyperparameters=hp, trained_tokens=result.trained_tokens)
     with session_scope(settings) as s:
-        results_id = _results_file(s, artifacts, job, history)
+        common["result_files"] = [_results_file(s, artifacts, job, history)]
         if result.status == "cancelled":
-            if not finish_job(s, job.id, worker_id, "cancelled", hyperparameters=hp,
-                              trained_tokens=result.trained_tokens, result_files=[results_id],
-                              message=f"Job cancelled at step {result.step}; its last "
-                                      "checkpoint is kept."):
-                return "lost"
-            return "cancelled"
+            return "cancelled" if finish_job(
+                s, job.id, worker_id, "cancelled", **common,
+                message=f"Job cancelled at step {result.step}; its last checkpoint is kept.") \
+                else "lost"
         suffix = f":{job.suffix}" if job.suffix else ""
         safe = (result.report or {}).get("drift_safe")
-        if not finish_job(
-                s, job.id, worker_id, "succeeded", hyperparameters=hp, evaluation=result.report,
-                trained_tokens=result.trained_tokens, result_files=[results_id],
-                fine_tuned_model=f"ft:{job.model}:{job.tenant_id}{suffix}:{job.id}",
-                message="The job has successfully completed" + (
-                    f"; drift-safe: {safe}" if safe is not None else "")):
-            return "lost"
-    return "succeeded"
+        return "succeeded" if finish_job(
+            s, job.id, worker_id, "succeeded", **common, evaluation=result.report,
+            fine_tuned_model=f"ft:{job.model}:{job.tenant_id}{suffix}:{job.id}",
+            message="The job has successfully completed" + (
+                f"; drift-safe: {safe}" if safe is not None else "")) else "lost"
 
 
 def _results_file(session, artifacts: ArtifactStore, job: Job, history: list[dict]) -> str:

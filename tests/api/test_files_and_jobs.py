@@ -334,7 +334,7 @@ def test_concurrent_duplicates_make_one_job_and_get_the_same_answer(client, alic
 def test_stored_webhook_response_keeps_no_secret(client, alice, settings):
     from store.models import IdempotencyRecord
     hd = h(alice, **{"Idempotency-Key": "wh-1"})
-    body = {"url": "https://example.com/hook"}
+    body = {"url": "https://93.184.215.14/hook"}
     first = client.post("/v1/webhooks", headers=hd, json=body)
     assert first.status_code == 200 and first.json()["secret"].startswith("whsec_")
     with session_scope(settings) as s:

@@ -1,30 +1,42 @@
-"""The reaper on a real store and the filesystem broker: what it re-queues, re-sends and fails."""
+"""The reaper on a real store and the filesystem broker: what it re-queues, re-sends, ends and
+leaves alone, and the job state transitions it shares with the API and the worker."""
 
 import time
 
+import pytest
+
 from store.db import migrate, session_scope
-from store.models import Job, JobEvent, Tenant
-from store.queue import make_celery
+from store.models import (Checkpoint, Job, JobEvent, Tenant, WebhookDelivery, WebhookEndpoint)
+from store.queue import BrokerEpoch, make_celery
 from store.settings import Settings
 from worker.lifecycle import claim_job, finish_job
 from worker.reaper import reap_once
 
 
-def setup(tmp_path):
+def setup(tmp_path, **overrides):
     settings = Settings(data_dir=tmp_path, secret_key="x", stale_after_seconds=30,
-                        requeue_after_seconds=60)
+                        requeue_after_seconds=60, enqueue_grace_seconds=30, **overrides)
     migrate(settings)
     with session_scope(settings) as s:
-        s.add(Tenant(name="t"))
+        tenant = Tenant(name="t")
+        s.add(tenant)
+        s.flush()
+        s.add(WebhookEndpoint(tenant_id=tenant.id, url="https://example.com/h", secret="s",
+                              events=["fine_tuning.job.failed", "fine_tuning.job.cancelled"]))
     return settings
 
 
-def add_job(settings, **values) -> str:
+def add_job(settings, checkpoint_steps=(), **values) -> str:
     with session_scope(settings) as s:
         tenant = s.query(Tenant).one()
-        job = Job(tenant_id=tenant.id, model="m", training_file="f", spec={}, **values)
+        job = Job(tenant_id=tenant.id, model="m", training_file="f",
+                  spec={"method": {"type": "supervised"}, "adapter": {}, "evaluation": {},
+                        "seed": 1}, **values)
         s.add(job)
         s.flush()
+        for step in checkpoint_steps:
+            s.add(Checkpoint(tenant_id=tenant.id, job_id=job.id, step_number=step,
+                             storage_path=f"x/{step}"))
         return job.id
 
 
@@ -32,26 +44,70 @@ def messages(settings) -> str:
     return "".join(p.read_text() for p in (settings.broker_folder / "queue").iterdir())
 
 
-def test_reaper_requeues_dead_workers_jobs_and_resends_lost_messages(tmp_path):
-    settings = setup(tmp_path)
+def test_stale_jobs_resume_fail_only_without_progress_and_honour_cancel(tmp_path):
+    settings = setup(tmp_path, max_lost_without_progress=3)
     now = time.time()
-    dead = add_job(settings, status="running", heartbeat_at=now - 100, attempts=1, worker_id="w")
+    stale = dict(status="running", heartbeat_at=now - 100, worker_id="w")
+    dead = add_job(settings, attempts=1, **stale)
     alive = add_job(settings, status="running", heartbeat_at=now, attempts=1, worker_id="w")
-    spent = add_job(settings, status="running", heartbeat_at=now - 100, attempts=3, worker_id="w")
-    lost = add_job(settings, status="queued", enqueued_at=now - 100)
-    fresh = add_job(settings, status="queued", enqueued_at=now)
+    # Lost three times with a new checkpoint each time (a preemptible GPU): it carries on.
+    progressing = add_job(settings, attempts=9, lost_without_progress=0, claimed_step=40,
+                          checkpoint_steps=[40, 50], **stale)
+    # Lost twice already without a checkpoint since its claim: the third loss ends it.
+    poison = add_job(settings, attempts=3, lost_without_progress=2, claimed_step=10,
+                     checkpoint_steps=[10], **stale)
+    cancelling = add_job(settings, attempts=1, cancel_requested=True, **stale)
     reap_once(settings, make_celery(settings))
     with session_scope(settings) as s:
-        status = {j.id: j.status for j in s.query(Job)}
+        jobs = {j.id: j for j in s.query(Job)}
         events = [e.message for e in s.query(JobEvent).filter_by(job_id=dead)]
-        error = s.query(Job).filter_by(id=spent).one().error
-    assert status == {dead: "queued", alive: "running", spent: "failed", lost: "queued",
-                      fresh: "queued"}
+        hooks = {d.payload["data"]["id"]: d.event for d in s.query(WebhookDelivery)}
+    assert {k: j.status for k, j in jobs.items()} == {
+        dead: "queued", alive: "running", progressing: "queued", poison: "failed",
+        cancelling: "cancelled"}
+    assert jobs[dead].lost_without_progress == 1 and jobs[progressing].lost_without_progress == 0
     assert any("re-queued" in m for m in events)
-    assert error["code"] == "worker_lost"
+    assert jobs[poison].error["code"] == "worker_lost"
+    # Jobs the reaper ends send their webhooks, like every other ending.
+    assert hooks == {poison: "fine_tuning.job.failed", cancelling: "fine_tuning.job.cancelled"}
     sent = messages(settings)
-    assert dead in sent and lost in sent
-    assert alive not in sent and fresh not in sent and spent not in sent
+    assert dead in sent and progressing in sent
+    assert alive not in sent and poison not in sent and cancelling not in sent
+
+
+def test_only_unsent_queued_jobs_are_sent_and_a_healthy_backlog_is_left_alone(tmp_path):
+    settings = setup(tmp_path)
+    now = time.time()
+    # The API died (or the broker was down) between the commit and the send: no send recorded.
+    unsent = add_job(settings, status="queued", enqueued_at=None, created_at=int(now) - 100)
+    # Still inside the grace period: the API's own send may be under way.
+    fresh = add_job(settings, status="queued", enqueued_at=None, created_at=int(now))
+    # A job waiting its turn for an hour, its message in the broker: nothing to do.
+    backlog = add_job(settings, status="queued", enqueued_at=now - 3600,
+                      created_at=int(now) - 3600)
+    celery = make_celery(settings)
+    reap_once(settings, celery)
+    reap_once(settings, celery)
+    sent = messages(settings)
+    assert sent.count(unsent) == 1  # sent once, then recorded as sent
+    assert fresh not in sent and backlog not in sent
+    with session_scope(settings) as s:
+        assert s.query(Job).filter_by(id=unsent).one().enqueued_at is not None
+
+
+def test_broker_epoch_notices_a_redis_that_lost_its_messages():
+    import redis
+
+    url = "redis://127.0.0.1:6379/11"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    settings = Settings(broker_url=url, secret_key="x")
+    first, second = BrokerEpoch(settings), BrokerEpoch(settings)
+    assert first.lost_messages() is True  # an empty broker: whatever was queued is not in it
+    assert second.lost_messages() is False  # one worker re-sends, not every worker
+    assert first.lost_messages() is False
+    r.flushdb()  # what a restart without persistence looks like
+    assert [second.lost_messages(), first.lost_messages()] == [True, False]
 
 
 def test_claim_and_finish_happen_once(tmp_path):
@@ -64,7 +120,23 @@ def test_claim_and_finish_happen_once(tmp_path):
     with session_scope(settings) as s:
         assert not finish_job(s, job_id, "b", "succeeded")  # not b's job
     with session_scope(settings) as s:
-        assert finish_job(s, job_id, "a", "succeeded")
+        assert finish_job(s, job_id, "a", "succeeded", message="done")
     with session_scope(settings) as s:
         assert not finish_job(s, job_id, "a", "failed")  # it already ended
         assert s.query(Job).one().status == "succeeded"
+        assert [e.message for e in s.query(JobEvent)] == ["done"]
+
+
+def test_a_job_with_a_cancel_request_is_never_claimed(tmp_path):
+    settings = setup(tmp_path)
+    job_id = add_job(settings, status="queued", cancel_requested=True)
+    with session_scope(settings) as s:
+        assert claim_job(s, job_id, "a") is None
+
+
+@pytest.mark.parametrize("status", ["queued", "running"])
+def test_status_strings_live_in_one_place(status):
+    from store.jobstate import ACTIVE, FINISHED, JobStatus
+
+    assert JobStatus(status) in ACTIVE and not ACTIVE & FINISHED
+    assert {s.value for s in ACTIVE | FINISHED} == {s.value for s in JobStatus}

@@ -1,0 +1,137 @@
+"""Job creation caps and quotas, guarded cancellation, webhooks on every ending, and filters that
+run in the database."""
+
+from sqlalchemy import event
+
+from store.db import session_scope
+from store.models import Job, JobEvent, WebhookDelivery
+from tests.api.conftest import h, upload
+from tests.api.test_files_and_jobs import count, create_job
+
+
+def test_a_job_over_the_step_cap_is_400_naming_the_cap(client, alice, settings):
+    client.app.state.settings.max_job_steps = 50  # the route reads the live settings
+    fid = upload(client, alice).json()["id"]  # 6 examples
+    r = create_job(client, alice, fid, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 51,
+                                                                 "batch_size": 6}}})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "job_too_large"
+    assert "max_job_steps=50" in err["message"] and err["param"].endswith("n_epochs")
+    assert count(settings, Job) == 0
+    ok = create_job(client, alice, fid, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50,
+                                                                 "batch_size": 6}}})
+    assert ok.status_code == 200
+
+
+def test_running_jobs_quota_is_429_and_counts_only_active_jobs(client, alice, bob, settings):
+    client.app.state.settings.max_running_jobs = 2
+    fid = upload(client, alice).json()["id"]
+    first, second = (create_job(client, alice, fid).json()["id"] for _ in range(2))
+    r = create_job(client, alice, fid)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "quota_running_jobs"
+    assert "max_running_jobs=2" in r.json()["error"]["message"] and r.headers["Retry-After"]
+    bob_file = upload(client, bob).json()["id"]
+    assert create_job(client, bob, bob_file).status_code == 200  # per tenant
+    client.post(f"/v1/fine_tuning/jobs/{first}/cancel", headers=h(alice))
+    assert create_job(client, alice, fid).status_code == 200  # a finished job frees a slot
+
+
+def test_cancel_cannot_end_a_job_a_worker_claimed_meanwhile(client, alice, settings,
+                                                           monkeypatch):
+    """The job is read as queued, a worker claims it, then the cancel writes: the write must see
+    the claim (guarded update), leaving the job running with the cancel flag for the worker."""
+    import api.routes.jobs as jobs_route
+    from worker.lifecycle import claim_job
+
+    fid = upload(client, alice).json()["id"]
+    jid = create_job(client, alice, fid).json()["id"]
+    real_get = jobs_route.Scoped.get
+
+    def get_then_claim(self, model, object_id, *a, **kw):
+        row = real_get(self, model, object_id, *a, **kw)
+        with session_scope(settings) as s:
+            claim_job(s, jid, "worker-1")
+        return row
+
+    monkeypatch.setattr(jobs_route.Scoped, "get", get_then_claim)
+    r = client.post(f"/v1/fine_tuning/jobs/{jid}/cancel", headers=h(alice))
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "running" and r.json()["cancel_requested"] is True
+
+
+def test_cancelling_a_queued_job_sends_its_webhook(client, alice, settings):
+    assert client.post("/v1/webhooks", headers=h(alice),
+                       json={"url": "https://93.184.215.14/hook"}).status_code == 200
+    fid = upload(client, alice).json()["id"]
+    jid = create_job(client, alice, fid).json()["id"]
+    assert client.post(f"/v1/fine_tuning/jobs/{jid}/cancel",
+                       headers=h(alice)).json()["status"] == "cancelled"
+    with session_scope(settings) as s:
+        rows = s.query(WebhookDelivery).all()
+        assert [(d.event, d.payload["data"]["id"]) for d in rows] == [
+            ("fine_tuning.job.cancelled", jid)]
+        assert s.query(JobEvent).filter_by(job_id=jid, message="Job cancelled before it "
+                                                                 "started.").count() == 1
+
+
+def test_metadata_filter_reads_only_matching_rows(client, alice, settings):
+    fid = upload(client, alice).json()["id"]
+    wanted = create_job(client, alice, fid, metadata={"team": "search"}).json()["id"]
+    for i in range(6):
+        create_job(client, alice, fid, metadata={"team": f"other{i}"})
+    engine = client.app.state.sessions.kw["bind"]
+    rows_seen = []
+
+    def after(conn, cursor, statement, *a):
+        if "FROM jobs" in statement:
+            rows_seen.append(cursor.rowcount if cursor.rowcount >= 0 else None)
+
+    fetched = []
+    real = client.app.state.sessions.class_.scalars
+
+    def scalars(self, *a, **kw):
+        result = list(real(self, *a, **kw))
+        fetched.append(len(result))
+        return iter(result)
+
+    event.listen(engine, "after_cursor_execute", after)
+    client.app.state.sessions.class_.scalars = scalars
+    try:
+        got = client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "search"},
+                         headers=h(alice)).json()
+    finally:
+        client.app.state.sessions.class_.scalars = real
+        event.remove(engine, "after_cursor_execute", after)
+    assert [j["id"] for j in got["data"]] == [wanted]
+    assert fetched == [1]  # the filter ran in the query: one row came back, not seven
+
+
+def test_wake_up_is_recorded_after_the_response_and_a_down_broker_costs_nothing(client, alice,
+                                                                              settings):
+    import time
+
+    from store.queue import Sender
+
+    fid = upload(client, alice).json()["id"]
+    jid = create_job(client, alice, fid).json()["id"]
+    with session_scope(settings) as s:
+        assert s.query(Job).filter_by(id=jid).one().enqueued_at is not None  # the folder broker
+    calls = []
+
+    class DownBroker:
+        def send_task(self, *a, **kw):
+            calls.append(time.monotonic())
+            raise ConnectionError("broker down")
+
+    client.app.state.sender = Sender(DownBroker(), settings)
+    started = time.monotonic()
+    ids = [create_job(client, alice, fid).json()["id"] for _ in range(3)]
+    assert time.monotonic() - started < 5
+    assert len(calls) == 1  # the circuit opened after the first failure
+    with session_scope(settings) as s:
+        assert all(s.query(Job).filter_by(id=i).one().enqueued_at is None for i in ids)
+        assert s.query(Job).filter_by(status="queued").count() == 4  # nothing lost: the reaper sends
+
+
