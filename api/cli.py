@@ -12,10 +12,17 @@ from store.settings import get_settings
 def serve_api(args) -> int:
     import uvicorn
 
-    from api.app import create_app
-
     settings = get_settings()
     migrate(settings)  # the schema is current before the first request
+    workers = getattr(args, "workers", 1) or 1
+    if workers > 1:
+        # N processes need the app as an import string: each builds its own from the same
+        # DRIFTSAFE_* environment (its own engine pool and broker connection).
+        uvicorn.run("api.app:create_app", factory=True, workers=workers, host=args.host,
+                    port=args.port, log_level=args.log_level)
+        return 0
+    from api.app import create_app
+
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -57,6 +57,25 @@ def _bench(sub) -> None:
     speed.add_argument("--json", help="write the figures here too")
     speed.add_argument("--steps", type=int, default=60)
     speed.set_defaults(func=_lazy("bench.speed", "main"))
+    api = bsub.add_parser("api", help="the API under load (wrk) beside a bare FastAPI app")
+    api.add_argument("--json", help="write the figures here too")
+    api.add_argument("--workers", type=int, default=1, help="uvicorn processes, both apps")
+    api.add_argument("--connections", type=int, default=32)
+    api.add_argument("--seconds", type=int, default=10, help="measured seconds per phase")
+    api.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each phase")
+    api.add_argument("--wrk-threads", type=int, default=2)
+    api.add_argument("--timeout", type=int, default=30,
+                     help="seconds before wrk counts a request as timed out")
+    api.add_argument("--upload-mb", type=float, default=200.0,
+                     help="size of the JSONL file uploaded again and again during one read phase")
+    api.add_argument("--driftsafe-root",
+                     help="serve this driftsafe checkout instead (before/after comparisons)")
+    api.add_argument("--bare-style", choices=["sync", "async"], default="sync",
+                     help="the bare app's routes: sync def (default) or async def (needs greenlet)")
+    api.add_argument("--redis-db", type=int, default=12,
+                     help="a Redis database of the bench's own (flushed before and after)")
+    api.add_argument("--logs", help="keep the servers' logs in this directory")
+    api.set_defaults(func=_lazy("bench.api", "main"))
 
 
 def _service(sub) -> None:
@@ -66,6 +85,7 @@ def _service(sub) -> None:
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--log-level", default="info")
+    api.add_argument("--workers", type=int, default=1, help="uvicorn processes (default 1)")
     api.set_defaults(func=_lazy("api.cli", "serve_api"))
     worker = ssub.add_parser("worker", help="a Celery worker: one job at a time")
     worker.add_argument("--name", default=None, help="worker node name")
