@@ -28,8 +28,6 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(10.0, gt=0)
     stale_after_seconds: float = Field(120.0, gt=0, description="Heartbeat age that marks a "
                                                                "running job's worker dead.")
-    requeue_after_seconds: float = Field(300.0, gt=0, description="Age of a queued job whose "
-                                                                  "message is presumed lost.")
     models: dict[str, str] = Field(default_factory=dict, description="Extra base models a worker "
                                    "can load: JSON object of model id -> local directory.")
     worlds_dir: Path | None = Field(None, description="Cache of built fact worlds (read by "

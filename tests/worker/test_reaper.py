@@ -15,7 +15,7 @@ from worker.reaper import reap_once
 
 def setup(tmp_path, **overrides):
     settings = Settings(data_dir=tmp_path, secret_key="x", stale_after_seconds=30,
-                        requeue_after_seconds=60, enqueue_grace_seconds=30, **overrides)
+                        enqueue_grace_seconds=30, **overrides)
     migrate(settings)
     with session_scope(settings) as s:
         tenant = Tenant(name="t")
