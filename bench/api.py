@@ -34,6 +34,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -433,6 +434,8 @@ class _Uploader(threading.Thread):
                                    files={"file": ("big.jsonl", f, "application/jsonl")})
                 except httpx.HTTPError as e:
                     self.statuses[type(e).__name__] = self.statuses.get(type(e).__name__, 0) + 1
+                    self.failures.append(f"{type(e).__name__}: {e} after "
+                                         f"{time.monotonic() - t0:.1f} s")
                     time.sleep(0.5)
                     continue
                 self.statuses[str(r.status_code)] = self.statuses.get(str(r.status_code), 0) + 1
@@ -553,7 +556,7 @@ def run_bench(opts) -> dict:
                 uploader.stop.set()
                 done_in_phase, phase_s = uploader.completed, time.monotonic() - t0
                 running_at_end = uploader.is_alive()
-                uploader.join(timeout=30)  # let the upload in flight finish, for its timing
+                uploader.join(timeout=120)  # let the upload in flight finish, for its timing
             each = uploader.seconds
             upload = {
                 "file_mb": round(upload_bytes / 2**20, 1), "phase_s": round(phase_s, 1),
@@ -564,7 +567,17 @@ def run_bench(opts) -> dict:
                 "statuses": uploader.statuses, "failures": uploader.failures[:3],
                 "in_flight_at_end": running_at_end,
             }
-    return _summary(opts, root, commit, dirty, phases, upload)
+        result = _summary(opts, root, commit, dirty, phases, upload)
+        if result["total_errors"]:
+            for log in (logs / "bare.log", logs / "driftsafe.log"):
+                print(f"--- {log.name}, lines other than 2xx access lines (last 40):\n"
+                      + "\n".join(_unusual_lines(log)[-40:]), file=sys.stderr)
+    return result
+
+
+def _unusual_lines(log: Path) -> list[str]:
+    ok = re.compile(r'^INFO: +[0-9.:]+ - "[A-Z]+ [^"]*" 2\d\d ')
+    return [ln for ln in _tail(log, 10**6).splitlines() if not ok.match(ln)]
 
 
 def _ratio(a: float, b: float) -> float | None:
