@@ -19,8 +19,9 @@ def get_settings(request: Request) -> Settings:
 
 def get_session(request: Request):
     # A session takes a pooled connection at its first query and gives it back when its
-    # transaction ends, so a request never holds one while it waits for anything else.
-    session = request.app.state.sessions()
+    # transaction ends. A GET only reads: its statements run in autocommit, one round trip each.
+    state = request.app.state
+    session = (state.readers if request.method in ("GET", "HEAD") else state.sessions)()
     try:
         yield session
     finally:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,9 +34,29 @@ def make_engine(url: str, pool_size: int = 20, max_overflow: int = 20) -> Engine
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    # pre-ping: a connection that died with a database restart is replaced, not handed out.
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
-                         pool_timeout=10)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=10)
+    event.listen(engine, "checkout", _ping_if_idle)
+    return engine
+
+
+IDLE_BEFORE_PING_S = 1.0
+
+
+def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
+    """Pessimistic disconnect handling, paid only where it helps: a connection that sat idle (and
+    may have died with a database restart) is pinged before it is handed out; one in constant use
+    is not pinged on every checkout (pool_pre_ping would add a round trip to every request).
+    A failed ping makes the pool replace the connection (DisconnectionError)."""
+    now = time.monotonic()
+    if now - record.info.get("last_checkout", now) > IDLE_BEFORE_PING_S:
+        try:
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            if not dbapi_conn.autocommit:
+                dbapi_conn.rollback()
+        except Exception as e:  # noqa: BLE001 - any failure means: not this connection
+            raise DisconnectionError(str(e)) from e
+    record.info["last_checkout"] = now
 
 
 @lru_cache
@@ -55,9 +77,14 @@ _engines_made: list[Engine] = []
 os.register_at_fork(after_in_child=_forget_inherited_connections)
 
 
-def session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
+def session_factory(settings: Settings | None = None, *, autocommit: bool = False
+                    ) -> sessionmaker[Session]:
+    """Sessions on the settings' database. `autocommit` sessions are for requests that only
+    read: each statement stands alone, with no BEGIN before it and no ROLLBACK after."""
     settings = settings or get_settings()
     engine = engine_for(settings.sqlalchemy_url, settings.db_pool_size, settings.db_max_overflow)
+    if autocommit:
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
     return sessionmaker(engine, expire_on_commit=False)
 
 

@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 
@@ -99,7 +100,10 @@ def test_create_job_of_each_method_is_stored_and_enqueued(client, alice, setting
         assert hp[k] == v
     assert job["evaluation"]["max_forgetting"] == 0.05 and job["adapter"]["type"] == "lora"
     queue = settings.broker_folder / "queue"
-    assert any(job["id"] in p.read_text() for p in queue.iterdir())
+    deadline = time.monotonic() + 10  # the API's wake-up thread sends after the response
+    while not any(job["id"] in p.read_text() for p in queue.iterdir()):
+        assert time.monotonic() < deadline, "no wake-up message was sent"
+        time.sleep(0.05)
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=h(alice)).json()
     assert events["data"][0]["message"].startswith("Created fine-tuning job")
 

@@ -1,8 +1,6 @@
 """Job creation caps and quotas, guarded cancellation, webhooks on every ending, and filters that
 run in the database."""
 
-from sqlalchemy import event
-
 from store.db import session_scope
 from store.models import Job, JobEvent, WebhookDelivery
 from tests.api.conftest import h, upload
@@ -76,34 +74,24 @@ def test_cancelling_a_queued_job_sends_its_webhook(client, alice, settings):
                                                                  "started.").count() == 1
 
 
-def test_metadata_filter_reads_only_matching_rows(client, alice, settings):
+def test_metadata_filter_reads_only_matching_rows(client, alice, settings, monkeypatch):
+    from sqlalchemy.orm import Session
+
     fid = upload(client, alice).json()["id"]
     wanted = create_job(client, alice, fid, metadata={"team": "search"}).json()["id"]
     for i in range(6):
         create_job(client, alice, fid, metadata={"team": f"other{i}"})
-    engine = client.app.state.sessions.kw["bind"]
-    rows_seen = []
-
-    def after(conn, cursor, statement, *a):
-        if "FROM jobs" in statement:
-            rows_seen.append(cursor.rowcount if cursor.rowcount >= 0 else None)
-
     fetched = []
-    real = client.app.state.sessions.class_.scalars
+    real = Session.scalars
 
     def scalars(self, *a, **kw):
         result = list(real(self, *a, **kw))
         fetched.append(len(result))
         return iter(result)
 
-    event.listen(engine, "after_cursor_execute", after)
-    client.app.state.sessions.class_.scalars = scalars
-    try:
-        got = client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "search"},
-                         headers=h(alice)).json()
-    finally:
-        client.app.state.sessions.class_.scalars = real
-        event.remove(engine, "after_cursor_execute", after)
+    monkeypatch.setattr(Session, "scalars", scalars)
+    got = client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "search"},
+                     headers=h(alice)).json()
     assert [j["id"] for j in got["data"]] == [wanted]
     assert fetched == [1]  # the filter ran in the query: one row came back, not seven
 
@@ -116,8 +104,13 @@ def test_wake_up_is_recorded_after_the_response_and_a_down_broker_costs_nothing(
 
     fid = upload(client, alice).json()["id"]
     jid = create_job(client, alice, fid).json()["id"]
-    with session_scope(settings) as s:
-        assert s.query(Job).filter_by(id=jid).one().enqueued_at is not None  # the folder broker
+    deadline = time.monotonic() + 10
+    while True:  # sent by the API's wake-up thread, then recorded (the folder broker here)
+        with session_scope(settings) as s:
+            if s.query(Job).filter_by(id=jid).one().enqueued_at is not None:
+                break
+        assert time.monotonic() < deadline, "the wake-up was never recorded"
+        time.sleep(0.05)
     calls = []
 
     class DownBroker:
@@ -125,10 +118,11 @@ def test_wake_up_is_recorded_after_the_response_and_a_down_broker_costs_nothing(
             calls.append(time.monotonic())
             raise ConnectionError("broker down")
 
-    client.app.state.sender = Sender(DownBroker(), settings)
+    client.app.state.wakeups.sender = Sender(DownBroker(), settings)
     started = time.monotonic()
     ids = [create_job(client, alice, fid).json()["id"] for _ in range(3)]
     assert time.monotonic() - started < 5
+    time.sleep(0.5)  # let the wake-up thread try
     assert len(calls) == 1  # the circuit opened after the first failure
     with session_scope(settings) as s:
         assert all(s.query(Job).filter_by(id=i).one().enqueued_at is None for i in ids)
