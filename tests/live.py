@@ -32,6 +32,7 @@ def env_for(settings) -> dict:
     # recovery timings travel to every process, so tests can use short ones
     env["DRIFTSAFE_HEARTBEAT_SECONDS"] = str(settings.heartbeat_seconds)
     env["DRIFTSAFE_STALE_AFTER_SECONDS"] = str(settings.stale_after_seconds)
+    env["DRIFTSAFE_WEBHOOK_ALLOW_PRIVATE"] = "true"  # test receivers listen on 127.0.0.1
     env["PYTHONPATH"] = str(ROOT)
     return env
 

@@ -41,7 +41,11 @@ def run_job_task(self, job_id: str) -> str | None:
 
 
 @worker_ready.connect
-def _start_reaper(sender=None, **_kw) -> None:
+def _start_background_threads(sender=None, **_kw) -> None:
     from worker.reaper import start_reaper
+    from worker.webhooks import start_sender
 
-    start_reaper(settings, app)  # `serve worker` migrated the schema before starting Celery
+    # `serve worker` migrated the schema before starting Celery. Two threads, so that a slow
+    # webhook endpoint never delays requeueing a dead worker's job (and the reverse).
+    start_reaper(settings, app)
+    start_sender(settings)

@@ -1,27 +1,63 @@
-"""Webhook delivery: POST the event with an HMAC-SHA256 signature over "timestamp.body".
+"""Webhook delivery: a sender thread in every worker POSTs due events, signed, to tenants' URLs.
 
-Headers: `driftsafe-timestamp` (Unix seconds) and `driftsafe-signature: v1=<hex>`; a receiver
-recomputes HMAC(secret, f"{timestamp}.{body}") and rejects old timestamps to stop replays.
-Failures back off exponentially (10 s, 20 s, 40 s, ... capped at an hour) up to MAX_ATTEMPTS.
+Signature: headers `driftsafe-timestamp` (Unix seconds) and `driftsafe-signature: v1=<hex>`; a
+receiver recomputes HMAC-SHA256(secret, f"{timestamp}.{body}") and rejects old timestamps to stop
+replays. Failures back off exponentially (10 s, 20 s, 40 s, ... capped at an hour) up to
+MAX_ATTEMPTS.
+
+An endpoint cannot hurt the service:
+- rows are claimed before sending (SELECT ... FOR UPDATE SKIP LOCKED, then leased by pushing
+  next_attempt_at past the deadline), so two workers never send the same row; no transaction is
+  open while sending; a sender that dies mid-batch leaves its rows to be retried when the lease
+  ends;
+- a batch is sent concurrently, each delivery under a wall-clock deadline from DNS lookup to
+  status line (`settings.webhook_deadline_seconds`), so one hanging or trickling endpoint delays
+  nobody else and a pass ends within about one deadline;
+- the reply body is never read: status line and headers, then the connection is closed;
+- the address is checked (store.netguard) at every delivery and the connection goes to that
+  checked address, never to whatever a second lookup would return;
+- this runs on its own thread, apart from the reaper, so requeues never wait on a webhook.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import select, update
 
-from store.models import WebhookDelivery, WebhookEndpoint, by_public_id
+from store.db import session_scope
+from store.models import WebhookDelivery, WebhookEndpoint
+from store.netguard import RefusedURL, Target, resolve
+from store.settings import Settings
 
 MAX_ATTEMPTS = 8
-TIMEOUT_S = 5.0
+BATCH = 20
+LEASE_MARGIN_S = 30.0  # on top of the deadline: time to record the outcome after sending
 log = logging.getLogger(__name__)
+# Lookups run here, not in asyncio's default pool: asyncio.run() waits for that pool on exit, so a
+# lookup stuck past the deadline would hold the whole pass.
+_LOOKUPS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="driftsafe-webhook-dns")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    event: str
+    payload: dict
+    attempts: int  # including this one
+    lease: float  # the next_attempt_at we set; the outcome is written only while it still holds
+    url: str
+    secret: str
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -33,35 +69,127 @@ def backoff_seconds(attempts: int) -> float:
     return min(3600.0, 10.0 * 2 ** (attempts - 1))
 
 
-def deliver_due(session: Session, limit: int = 20) -> int:
-    """Try the deliveries whose time has come; returns how many were delivered."""
-    due = list(session.scalars(
-        select(WebhookDelivery).where(WebhookDelivery.delivered_at.is_(None),
-                                      WebhookDelivery.gave_up.is_(False),
-                                      WebhookDelivery.next_attempt_at <= time.time())
-        .order_by(WebhookDelivery.next_attempt_at).limit(limit)))
-    delivered = 0
-    for d in due:
-        endpoint = by_public_id(session, WebhookEndpoint, d.endpoint_id)
-        body = json.dumps(d.payload, separators=(",", ":")).encode()
-        ts = int(time.time())
-        d.attempts += 1
-        try:
-            r = httpx.post(endpoint.url, content=body, timeout=TIMEOUT_S, headers={
-                "content-type": "application/json", "driftsafe-timestamp": str(ts),
-                "driftsafe-signature": sign(endpoint.secret, ts, body),
-                "driftsafe-event": d.event, "driftsafe-delivery": str(d.id)})
-            ok, why = 200 <= r.status_code < 300, f"HTTP {r.status_code}"
-        except httpx.HTTPError as e:
-            ok, why = False, f"{type(e).__name__}: {e}"
-        if ok:
-            d.delivered_at = time.time()
-            delivered += 1
-        else:
-            d.last_error = why[:500]
-            d.gave_up = d.attempts >= MAX_ATTEMPTS
-            d.next_attempt_at = time.time() + backoff_seconds(d.attempts)
-            log.info("webhook %s to %s failed (%s), attempt %d", d.event, endpoint.url, why,
-                     d.attempts)
-        session.commit()
-    return delivered
+def claim_due(settings: Settings, limit: int = BATCH) -> list[Claimed]:
+    """Lease up to `limit` due deliveries to this sender, in one short transaction: one UPDATE
+    of the rows its subquery locked, returning what sending needs."""
+    D, now = WebhookDelivery, time.time()
+    lease = now + settings.webhook_deadline_seconds + LEASE_MARGIN_S
+    # SKIP LOCKED: a row another sender is claiming right now is left to it (PostgreSQL; SQLite
+    # runs one writer at a time, and this is a single UPDATE, so claims cannot interleave there).
+    # Spelled as the partial index's predicate (NOT gave_up, not "gave_up IS false"), or
+    # PostgreSQL does not use ix_webhook_deliveries_due.
+    due = (select(D.id).where(D.delivered_at.is_(None), ~D.gave_up, D.next_attempt_at <= now)
+           .order_by(D.next_attempt_at).limit(limit).with_for_update(skip_locked=True))
+    with session_scope(settings) as s:
+        rows = s.execute(update(D).where(D.id.in_(due.scalar_subquery()))
+                         .values(next_attempt_at=lease, attempts=D.attempts + 1)
+                         .returning(D.id, D.endpoint_id, D.event, D.payload, D.attempts)
+                         .execution_options(synchronize_session=False)).all()
+        endpoints = {e.id: e for e in s.execute(
+            select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.secret)
+            .where(WebhookEndpoint.id.in_({r.endpoint_id for r in rows})))}
+    return [Claimed(r.id, r.event, r.payload, r.attempts, lease, endpoints[r.endpoint_id].url,
+                    endpoints[r.endpoint_id].secret) for r in rows]
+
+
+def pinned_request(target: Target) -> tuple[httpx.URL, dict, dict]:
+    """URL, headers and extensions that connect to the checked address while the server still
+    sees the original name: the Host header, and for HTTPS the SNI name and the name the
+    certificate is verified against (httpcore's `sni_hostname`)."""
+    url = target.url.copy_with(host=target.addresses[0])
+    headers = {"host": target.url.netloc.decode("ascii")}
+    try:
+        ipaddress.ip_address(target.host)
+        extensions = {}  # an address literal: no SNI, the certificate is checked for the address
+    except ValueError:
+        extensions = {"sni_hostname": target.host}
+    return url, headers, extensions
+
+
+async def _post(client: httpx.AsyncClient, item: Claimed, allow_private: bool) -> tuple[bool, str]:
+    loop = asyncio.get_running_loop()
+    target = await loop.run_in_executor(_LOOKUPS, resolve, item.url, allow_private)
+    url, headers, extensions = pinned_request(target)
+    body = json.dumps(item.payload, separators=(",", ":")).encode()
+    ts = int(time.time())
+    headers.update({"content-type": "application/json", "driftsafe-timestamp": str(ts),
+                    "driftsafe-signature": sign(item.secret, ts, body),
+                    "driftsafe-event": item.event, "driftsafe-delivery": str(item.id)})
+    # stream(): returns once the status line and headers are in; leaving the block closes the
+    # connection without reading a byte of the body.
+    async with client.stream("POST", url, content=body, headers=headers,
+                             extensions=extensions) as reply:
+        return 200 <= reply.status_code < 300, f"HTTP {reply.status_code}"
+
+
+async def _deliver(client: httpx.AsyncClient, item: Claimed,
+                   settings: Settings) -> tuple[bool, str]:
+    deadline = settings.webhook_deadline_seconds
+    try:
+        async with asyncio.timeout(deadline):
+            return await _post(client, item, settings.webhook_allow_private)
+    except TimeoutError:
+        return False, f"no response status within the {deadline:g} s deadline"
+    except RefusedURL as e:
+        return False, f"refused: {e}"
+    except httpx.HTTPError as e:
+        return False, f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - a bug in one delivery must not sink the batch
+        log.exception("webhook delivery %s failed unexpectedly", item.id)
+        return False, f"internal error: {type(e).__name__}"
+
+
+async def deliver_all(items: list[Claimed], settings: Settings) -> list[tuple[bool, str]]:
+    """Send every item at once; returns (delivered, why) per item within about one deadline."""
+    # The deadline, not httpx's per-read timeouts, bounds a delivery; these only back it up.
+    # trust_env=False: a proxy from the environment would connect somewhere we did not check.
+    async with httpx.AsyncClient(timeout=settings.webhook_deadline_seconds, trust_env=False,
+                                 follow_redirects=False,
+                                 headers={"user-agent": "driftsafe-webhooks/1"}) as client:
+        return list(await asyncio.gather(*(_deliver(client, i, settings) for i in items)))
+
+
+def record(settings: Settings, items: list[Claimed], outcomes: list[tuple[bool, str]]) -> None:
+    D, now = WebhookDelivery, time.time()
+    with session_scope(settings) as s:
+        for item, (ok, why) in zip(items, outcomes):
+            if ok:
+                values = {"delivered_at": now, "last_error": None}
+            else:
+                values = {"last_error": why[:500], "gave_up": item.attempts >= MAX_ATTEMPTS,
+                          "next_attempt_at": now + backoff_seconds(item.attempts)}
+                log.info("webhook %s (delivery %s) to %s failed (%s), attempt %d", item.event,
+                         item.id, item.url, why, item.attempts)
+            # Guarded on our lease: if it ran out and another sender took the row, theirs counts.
+            done = s.execute(update(D).where(D.id == item.id, D.next_attempt_at == item.lease)
+                             .values(**values).execution_options(synchronize_session=False))
+            if done.rowcount != 1:
+                log.warning("webhook delivery %s: lease lost before its outcome was recorded",
+                            item.id)
+
+
+def send_due(settings: Settings, limit: int = BATCH) -> int:
+    """One pass: claim, send concurrently outside any transaction, record. Returns rows claimed."""
+    items = claim_due(settings, limit)
+    if items:
+        record(settings, items, asyncio.run(deliver_all(items, settings)))
+    return len(items)
+
+
+def start_sender(settings: Settings, every_s: float = 2.0,
+                 stop: threading.Event | None = None) -> threading.Thread:
+    stop = stop or threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            try:
+                full = send_due(settings) == BATCH
+            except Exception:  # noqa: BLE001 - a sender that dies silently would be worse
+                log.exception("webhook sender pass failed")
+                full = False
+            if not full:  # a full batch means more may be due: go again at once
+                stop.wait(every_s)
+
+    thread = threading.Thread(target=loop, name="driftsafe-webhooks", daemon=True)
+    thread.start()
+    return thread

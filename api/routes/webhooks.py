@@ -7,11 +7,13 @@ import secrets
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from api.deps import CurrentTenant, SessionDep
+from api.deps import CurrentTenant, SessionDep, SettingsDep
+from api.errors import APIError
 from api.idempotency import IdempotencyDep
 from api.schemas import ListOf, WebhookCreate, webhook_object
 from api.tenancy import Scoped, list_body
 from store.models import WebhookEndpoint
+from store.netguard import RefusedURL, resolve
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 ALL_EVENTS = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
@@ -19,7 +21,14 @@ ALL_EVENTS = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tunin
 
 @router.post("", summary="Register a webhook endpoint (its signing secret is shown once)")
 def create_webhook(body: WebhookCreate, session: SessionDep, tenant: CurrentTenant,
-                   idem: IdempotencyDep):
+                   idem: IdempotencyDep, settings: SettingsDep):
+    # Refused here so the tenant learns at once; the worker checks again at every delivery,
+    # because what a name resolves to can change after registration.
+    try:
+        resolve(body.url, settings.webhook_allow_private)
+    except RefusedURL as e:
+        raise APIError(400, str(e), param="url", code="invalid_url") from None
+
     def produce() -> JSONResponse:
         secret = "whsec_" + secrets.token_urlsafe(32)
         row = WebhookEndpoint(tenant_id=tenant.id, url=body.url, secret=secret,
