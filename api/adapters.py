@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
+import os
+import uuid
 import zipfile
+from pathlib import Path
 
-from fastapi.responses import Response
+from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
 from api.errors import APIError
@@ -32,22 +34,43 @@ def pick_checkpoint(session: Session, scoped: Scoped, job: Job, select: str) -> 
     return ckpt
 
 
-def adapter_response(artifacts: ArtifactStore, job: Job, ckpt: Checkpoint) -> Response:
-    folder = artifacts.path(ckpt.storage_path) / "adapter"
+ZIP_NAME = "adapter.zip"
+
+
+def _build_zip(folder: Path, report: dict, target: Path) -> None:
+    """Write the zip beside the checkpoint under a temporary name, then rename it into place, so
+    a download never sees half a zip. Entries are stored, not deflated: safetensors do not
+    compress, and a stored zip costs one copy to make."""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    zf.write(path, path.relative_to(folder).as_posix())
+            zf.writestr("driftsafe.json", json.dumps(report, indent=1, default=str))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def adapter_response(artifacts: ArtifactStore, job: Job, ckpt: Checkpoint) -> FileResponse:
+    """The checkpoint's adapter zip, made on its first download and kept with the checkpoint (it
+    goes when the checkpoint's directory does); later downloads stream the same file."""
+    checkpoint_dir = artifacts.path(ckpt.storage_path)
+    folder = checkpoint_dir / "adapter"
     if not folder.is_dir():
         raise APIError(404, f"The adapter files of checkpoint '{ckpt.id}' are gone.",
                        code="adapter_missing")
-    report = {"job": job_object(job), "checkpoint": checkpoint_object(ckpt, job),
-              "base_model": job.model,
-              "usage": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
-                       "this_folder); ask with tokenizer.apply_chat_template(messages, "
-                       "add_generation_prompt=True) and greedy decoding"}
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, path.relative_to(folder).as_posix())
-        zf.writestr("driftsafe.json", json.dumps(report, indent=1, default=str))
-    name = f"{job.id}-step{ckpt.step_number}.zip"
-    return Response(buf.getvalue(), media_type="application/zip",
-                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    target = checkpoint_dir / ZIP_NAME
+    if not target.is_file():
+        # The report describes the job as it was when the zip was made (the checkpoint's own
+        # scores do not change).
+        report = {"job": job_object(job), "checkpoint": checkpoint_object(ckpt, job),
+                  "base_model": job.model,
+                  "usage": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
+                           "this_folder); ask with tokenizer.apply_chat_template(messages, "
+                           "add_generation_prompt=True) and greedy decoding"}
+        _build_zip(folder, report, target)
+    return FileResponse(target, media_type="application/zip",
+                        filename=f"{job.id}-step{ckpt.step_number}.zip")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI
 
 from api import errors
 from api.auth import KeyCache, RateLimiter
 from api.routes import files, health, jobs, models
+from api.wakeup import WakeUps
 from store.artifacts import ArtifactStore
 from store.db import session_factory
 from store.queue import Sender, make_celery
@@ -17,46 +20,123 @@ and `frozen_groups` methods, LoRA or full adapters, known-fact hallucination sco
 and adapter downloads. Point the `openai` client at this server with `base_url`."""
 
 
-class UploadLimit:
-    """Refuse request bodies over the limit before they are read whole (413 in the envelope).
+MAX_JSON_DEPTH = 32  # the deepest body a route takes is 5 levels; a parser's stack is ~1000
+_JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
-    Checks Content-Length up front and counts streamed bytes for chunked uploads. The limit is the
-    file limit plus room for multipart framing; the route enforces the file limit exactly.
+
+def json_depth_exceeds(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether brackets outside strings nest deeper than `limit` (no parse; stops early)."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth = 0
+    for byte in _JSON_STRINGS.sub(b"", body).translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in b"[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
+class BodyLimit:
+    """Request bodies are bounded before any route sees them (errors in the envelope).
+
+    POST /v1/files may carry the file limit plus room for multipart framing (the route enforces
+    the file limit exactly): its body streams through, counted, and once over the limit whatever
+    the app made of the cut-off body is dropped for a 413. Every other route takes at most
+    `max_json_body_bytes`, read here whole (so a route that ignores its body still refuses a big
+    one) and checked for nesting deeper than MAX_JSON_DEPTH before it is parsed: deep nesting
+    otherwise ends in a RecursionError or a serializer's depth error, a 500. Content-Length over
+    a limit is refused before anything is read.
     """
 
     SLACK = 64 * 1024
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes + self.SLACK
+    def __init__(self, app, max_upload_bytes: int, max_json_body_bytes: int):
+        self.app = app
+        self.max_upload_bytes, self.max_json_body_bytes = max_upload_bytes, max_json_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        upload = scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/files"
+        if upload:
+            limit, error = self.max_upload_bytes + self.SLACK, {
+                "message": f"File exceeds the upload limit of {self.max_upload_bytes} bytes.",
+                "param": "file", "code": "file_too_large"}
+        else:
+            limit, error = self.max_json_body_bytes, {
+                "message": f"Request body exceeds the limit of {self.max_json_body_bytes} bytes "
+                           "for this route; send a smaller body.", "code": "request_too_large"}
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(send)
-        seen = 0
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _reject(send, 413, error)
+        if upload:
+            return await self._streamed(scope, receive, send, limit, error)
+        return await self._buffered(scope, receive, send, limit, error)
+
+    async def _streamed(self, scope, receive, send, limit: int, error: dict):
+        seen, over, started = 0, False, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    over = True
+                    raise _TooLarge()
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._reject(send)
+        async def unless_over(message):
+            nonlocal started
+            if over and not started:
+                return  # the app's answer to a cut-off body (FastAPI makes it a 400): drop it
+            started = True
+            await send(message)
 
-    async def _reject(self, send):
-        response = errors.envelope(413, f"Request body exceeds {self.max_bytes - self.SLACK} "
-                                        "bytes.", param="file", code="file_too_large")
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(response.body)).encode())]})
-        await send({"type": "http.response.body", "body": response.body})
+        try:
+            await self.app(scope, counted, unless_over)
+        except _TooLarge:
+            pass
+        if over and not started:
+            await _reject(send, 413, error)
+
+    async def _buffered(self, scope, receive, send, limit: int, error: dict):
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before its body was sent: no one to answer
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return await _reject(send, 413, error)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if json_depth_exceeds(body):
+            return await _reject(send, 400, {
+                "message": f"The request body nests deeper than {MAX_JSON_DEPTH} levels.",
+                "code": "invalid_json"})
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: only a disconnect is left to hear
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _reject(send, status: int, error: dict) -> None:
+    response = errors.envelope(status, **error)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(response.body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": response.body})
 
 
 class _TooLarge(Exception):
@@ -68,9 +148,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="driftsafe", version="0.1.0", description=DESCRIPTION)
     app.state.settings = settings
     app.state.sessions = session_factory(settings)
+    app.state.readers = session_factory(settings, autocommit=True)  # GET requests
     app.state.artifacts = ArtifactStore(settings.artifacts_dir)
     app.state.celery = make_celery(settings)
     app.state.sender = Sender(app.state.celery, settings)
+    app.state.wakeups = WakeUps(app.state.sender, app.state.sessions, settings)
     app.state.keys = KeyCache(settings.hmac_key(), settings.key_cache_seconds)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     errors.install(app)
@@ -78,5 +160,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     from api.routes import webhooks
     app.include_router(webhooks.router)
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes,
+                       max_json_body_bytes=settings.max_json_body_bytes)
     return app

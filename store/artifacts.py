@@ -10,6 +10,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 
 class ArtifactStore:
@@ -34,6 +35,22 @@ class ArtifactStore:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
+        return path
+
+    def write_stream(self, relative: str, source: BinaryIO, chunk_bytes: int = 1024 * 1024
+                     ) -> Path:
+        """Copy a readable binary file here in chunks (never whole in memory), then rename it
+        into place; on any failure the temporary file is removed."""
+        path = self._resolve(relative)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(source, out, chunk_bytes)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     def path(self, relative: str) -> Path:

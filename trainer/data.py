@@ -2,15 +2,16 @@
 
 Both line forms of API.md are accepted:
   chat: {"messages": [{"role": "system"|"user"|"assistant", "content": str, "weight"?: 0|1}, ...]}
-  QA:   {"question": str, "answer": str} (or "prompt"/"completion"; "answers": [str] for known facts)
+  QA:   {"question": str, "answer": str} (or "prompt"/"completion"; "answers": [str] for known
+        facts)
 Parsing never touches torch, so the API validates uploads with the same code the trainer uses.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable
 
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_ERRORS = 10
@@ -33,12 +34,18 @@ class DataFileError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One training conversation. `weights[i]` is 1 where message i is an assistant turn to learn."""
+    """One training conversation. `weights[i]` is 1 where message i is an assistant turn to
+    learn."""
 
     messages: tuple[dict, ...]
     weights: tuple[int, ...]
     answers: tuple[str, ...]  # accepted answers of the last assistant turn (for scoring)
     line: int
+
+    @property
+    def is_single_qa(self) -> bool:
+        """One user turn and its answer: what a known-fact file may hold."""
+        return len(self.messages) == 2 and self.messages[0]["role"] == "user"
 
     @property
     def prompt_messages(self) -> list[dict]:
@@ -103,10 +110,23 @@ _QA_KEYS = {"question", "prompt", "answer", "completion", "answers", "id", "meta
 
 
 def parse_line(text: str, line: int) -> Example:
+    example = _parse_object(text, line)
+    for part in [m["content"] for m in example.messages] + list(example.answers):
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:  # JSON can escape one: "\\ud800"; no tokenizer can encode it
+            raise ValueError("a string holds a lone surrogate (an unpaired \\ud800-\\udfff "
+                             "escape), which is not text") from None
+    return example
+
+
+def _parse_object(text: str, line: int) -> Example:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # '[' * 100000: the decoder recurses once per level
+        raise ValueError("not valid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
@@ -126,45 +146,88 @@ def parse_line(text: str, line: int) -> Example:
     raise ValueError("expected 'messages' (chat form) or 'question'/'answer' (QA form)")
 
 
-def parse_lines(lines: Iterable[str], *, max_examples: int | None = None) -> list[Example]:
-    """Parse JSONL text lines; blank lines are skipped. Raises DataFileError naming each bad line."""
-    examples: list[Example] = []
+@dataclass(frozen=True)
+class FileSummary:
+    """What validating a file tells the API without keeping its examples."""
+
+    examples: int
+    qa_only: bool  # every example is a single QA turn (usable as known facts)
+
+
+def iter_examples(lines: Iterable[str | bytes]) -> Iterator[Example]:
+    """Parse JSONL lines one at a time, yielding each good example.
+
+    Lines may be bytes (decoded here, so a bad byte is reported on its own line) or text. A UTF-8
+    byte order mark at the start is dropped; blank lines are skipped. After the last line, raises
+    DataFileError naming every bad line (the first MAX_REPORTED_ERRORS of them), or if there was
+    no example at all.
+    """
     problems: list[tuple[int, str]] = []
-    bad = 0
-    for n, text in enumerate(lines, start=1):
+    bad = good = 0
+    for n, raw in enumerate(lines, start=1):
+        if isinstance(raw, bytes):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad += 1
+                if len(problems) < MAX_REPORTED_ERRORS:
+                    problems.append((n, "not valid UTF-8"))
+                continue
+        else:
+            text = raw.removeprefix("\ufeff") if n == 1 else raw
         if not text.strip():
             continue
         try:
-            examples.append(parse_line(text, n))
+            example = parse_line(text, n)
         except ValueError as e:
             bad += 1
             if len(problems) < MAX_REPORTED_ERRORS:
                 problems.append((n, str(e)))
+            continue
+        good += 1
+        yield example
     if bad:
         raise DataFileError(problems, bad)
-    if not examples:
+    if not good:
         raise DataFileError([(0, "the file holds no examples")])
+
+
+def parse_lines(lines: Iterable[str | bytes], *, max_examples: int | None = None
+                ) -> list[Example]:
+    """Parse JSONL lines; blank lines are skipped. Raises DataFileError naming each bad line."""
+    examples = list(iter_examples(lines))
     if max_examples is not None and len(examples) > max_examples:
         raise DataFileError([(0, f"{len(examples)} examples exceed the limit of {max_examples}")])
     return examples
 
 
+def summarize_lines(lines: Iterable[str | bytes]) -> FileSummary:
+    """Validate a file by the rules of parse_lines while holding one line at a time."""
+    count, qa_only = 0, True
+    for example in iter_examples(lines):
+        count += 1
+        qa_only = qa_only and example.is_single_qa
+    return FileSummary(count, qa_only)
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """JSONL lines end at b"\n" only: U+2028 and friends may sit unescaped inside JSON strings."""
+    return data.split(b"\n")
+
+
 def parse_bytes(data: bytes) -> list[Example]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataFileError([(line, "not valid UTF-8")]) from None
-    return parse_lines(text.splitlines())
+    return parse_lines(split_lines(data))
 
 
 def load_examples(path) -> list[Example]:
     with open(path, "rb") as f:
-        return parse_bytes(f.read())
+        return parse_lines(f)  # a binary file iterates by b"\n", as split_lines splits
 
 
 def require_qa_facts(examples: list[Example], what: str) -> None:
     """Known-fact files are scored by asking the question: each line must be a single QA turn."""
     for ex in examples:
-        if len(ex.messages) != 2 or ex.messages[0]["role"] != "user":
+        if not ex.is_single_qa:
             raise DataFileError([(ex.line, f"{what} lines must be QA form (question and answer)")])

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import io
+from collections.abc import Iterator
+from typing import BinaryIO
 
-from fastapi import APIRouter, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Form, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep
 from api.schemas import DeletedObject, FileObject, ListOf, file_object
 from api.tenancy import Scoped, list_body
-from store.models import Job, StoredFile
-from trainer.data import DataFileError, parse_bytes
+from store.models import Job, StoredFile, Tenant, new_id
+from trainer.data import DataFileError, summarize_lines
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("fine-tune",)
@@ -27,43 +32,86 @@ def _label(filename: str | None) -> str:
     return name[:255] or "upload.jsonl"
 
 
-@router.post("", response_model=FileObject, summary="Upload a JSONL file")
-async def upload_file(request: Request, file: UploadFile, session: SessionDep,
-                      tenant: CurrentTenant, artifacts: ArtifactsDep, settings: SettingsDep,
-                      idem: IdempotencyDep, purpose: str = Form(...)):
-    data = await file.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
+def _size(source: BinaryIO) -> int:
+    source.seek(0, io.SEEK_END)
+    size = source.tell()
+    source.seek(0)
+    return size
+
+
+def _hashed(source: BinaryIO, digest) -> Iterator[bytes]:
+    """The file's lines (each up to and including its newline), fed to the digest on the way."""
+    source.seek(0)
+    for line in source:
+        digest.update(line)
+        yield line
+
+
+def _stored_bytes(session: Session, tenant_id: str) -> int:
+    return session.scalar(select(func.coalesce(func.sum(StoredFile.bytes), 0))
+                          .where(StoredFile.tenant_id == tenant_id))
+
+
+def _check_storage_quota(session: Session, tenant_id: str, size: int, settings) -> None:
+    used = _stored_bytes(session, tenant_id)
+    if used + size > settings.max_storage_bytes:
+        raise APIError(429, f"This upload of {size} bytes would take the organization's stored "
+                            f"files to {used + size} bytes, over the storage quota of "
+                            f"max_storage_bytes={settings.max_storage_bytes}. Delete files you "
+                            "no longer need.", type="rate_limit_error", param="file",
+                       code="quota_storage_bytes")
+
+
+@router.post("", response_model=FileObject, summary="Upload a JSONL file",
+             responses={413: {"description": "File over max_upload_bytes"},
+                        429: {"description": "Storage quota (max_storage_bytes) exceeded"}})
+def upload_file(file: UploadFile, session: SessionDep, tenant: CurrentTenant,
+                artifacts: ArtifactsDep, settings: SettingsDep, idem: IdempotencyDep,
+                purpose: str = Form(...)):
+    # A plain def: FastAPI runs it in the threadpool, so reading, validating and copying a large
+    # file never stalls the event loop. The upload is already spooled to a temporary file; it is
+    # read one line at a time and copied in chunks, never held whole in memory.
+    if purpose not in PURPOSES:
+        raise APIError(400, f"purpose must be one of {list(PURPOSES)}.", param="purpose")
+    source = file.file
+    size = _size(source)
+    if size > settings.max_upload_bytes:
         raise APIError(413, f"File exceeds the upload limit of {settings.max_upload_bytes} bytes.",
                        param="file", code="file_too_large")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256()
+    try:
+        summary = summarize_lines(_hashed(source, digest))
+    except DataFileError as e:
+        raise APIError(400, f"Invalid training file: {e}", param="file",
+                       code="invalid_file_format") from None
+    if summary.examples > settings.max_training_examples:
+        raise APIError(400, f"{summary.examples} examples exceed the limit of "
+                            f"{settings.max_training_examples}.", param="file")
     label = _label(file.filename)
 
     def produce() -> JSONResponse:
-        if purpose not in PURPOSES:
-            raise APIError(400, f"purpose must be one of {list(PURPOSES)}.", param="purpose")
-        try:
-            examples = parse_bytes(data)
-        except DataFileError as e:
-            raise APIError(400, f"Invalid training file: {e}", param="file",
-                           code="invalid_file_format") from None
-        if len(examples) > settings.max_training_examples:
-            raise APIError(400, f"{len(examples)} examples exceed the limit of "
-                                f"{settings.max_training_examples}.", param="file")
-        qa_only = all(len(ex.messages) == 2 and ex.messages[0]["role"] == "user" for ex in examples)
-        row = StoredFile(tenant_id=tenant.id, filename=label, purpose=purpose, bytes=len(data),
-                         sha256=digest, lines=len(examples), qa_only=qa_only, storage_path="")
+        # Copied before the quota query: (without an Idempotency-Key) no transaction is open
+        # while the disk works. An upload the quota refuses is deleted again.
+        file_id = new_id("file-")
+        storage_path = artifacts.file_path(tenant.id, file_id)
+        source.seek(0)
+        artifacts.write_stream(storage_path, source)
+        idem.on_rollback(lambda: artifacts.delete(storage_path))  # no file without its row
+        # Concurrent uploads of one tenant take turns from here to their commit, so two cannot
+        # both fit under the quota (FOR NO KEY UPDATE: inserts of its other rows still go on;
+        # SQLite has no row locks and skips this).
+        session.execute(select(Tenant.id).where(Tenant.id == tenant.id)
+                        .with_for_update(key_share=True))
+        _check_storage_quota(session, tenant.id, size, settings)
+        row = StoredFile(id=file_id, tenant_id=tenant.id, filename=label, purpose=purpose,
+                         bytes=size, sha256=digest.hexdigest(), lines=summary.examples,
+                         qa_only=summary.qa_only, storage_path=storage_path)
         session.add(row)
-        session.flush()  # assigns the id the path is made from
-        row.storage_path = artifacts.file_path(tenant.id, row.id)
-        artifacts.write_bytes(row.storage_path, data)
-        try:
-            session.commit()
-        except BaseException:
-            artifacts.delete(row.storage_path)  # no file without its row
-            raise
+        session.flush()
         return JSONResponse(file_object(row))
 
-    return idem.run({"purpose": purpose, "filename": label, "sha256": digest}, produce)
+    return idem.run({"purpose": purpose, "filename": label, "sha256": digest.hexdigest()},
+                    produce)
 
 
 @router.get("", response_model=ListOf, summary="List files")
@@ -85,7 +133,11 @@ def get_file(file_id: str, session: SessionDep, tenant: CurrentTenant):
 @router.get("/{file_id}/content", summary="The file's bytes")
 def file_content(file_id: str, session: SessionDep, tenant: CurrentTenant, artifacts: ArtifactsDep):
     row = Scoped(session, tenant).get(StoredFile, file_id, "file")
-    return Response(artifacts.path(row.storage_path).read_bytes(), media_type="application/jsonl")
+    path = artifacts.path(row.storage_path)
+    if not path.is_file():
+        raise APIError(404, f"The content of file '{file_id}' is missing from storage.",
+                       param="file_id", code="file_content_missing")
+    return FileResponse(path, media_type="application/jsonl")  # streamed in chunks
 
 
 @router.delete("/{file_id}", response_model=DeletedObject, summary="Delete a file")
