@@ -6,7 +6,7 @@ import re
 
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, openapi
 from api.auth import KeyCache, RateLimiter
 from api.routes import files, health, jobs, models
 from api.wakeup import WakeUps
@@ -156,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = KeyCache(settings.hmac_key(), settings.key_cache_seconds)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     errors.install(app)
+    openapi.install(app)  # /openapi.json declares every status each route can answer
     for module in (files, jobs, models, health):
         app.include_router(module.router)
     from api.routes import webhooks

@@ -9,6 +9,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+try:
+    from fastapi.routing import iter_route_contexts
+except ImportError:  # FastAPI < 0.165 unfolds included routers into app.routes itself
+    def iter_route_contexts(routes):
+        return iter(routes)
 
 log = logging.getLogger(__name__)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -47,8 +54,31 @@ def param_from_loc(loc) -> str | None:
     return text or None
 
 
-def _validation_handler(_req: Request, exc: RequestValidationError) -> JSONResponse:
+def _unsupported_media_type(req: Request, errors) -> str | None:
+    """The media type the route reads its body as, when the body failed because it was sent as
+    something else (or, with a body, as nothing): FastAPI only reads JSON from a JSON
+    Content-Type, and a form from a form one."""
+    body = getattr(req.scope.get("route"), "body_field", None)
+    if body is None or not any(tuple(e.get("loc", ()))[:1] == ("body",) for e in errors):
+        return None
+    wanted = body.field_info.media_type
+    sent = req.headers.get("content-type")
+    if sent is None:  # absent: unsupported only if there was a body to misread
+        return wanted if any(e.get("type") != "missing" for e in errors) else None
+    media = sent.partition(";")[0].strip().lower()
+    if wanted == "application/json":
+        kind, _, sub = media.partition("/")
+        json_like = kind == "application" and (sub == "json" or sub.endswith("+json"))
+        return None if json_like else wanted
+    return None if media == wanted else wanted
+
+
+def _validation_handler(req: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    wanted = _unsupported_media_type(req, errors)
+    if wanted is not None:
+        return envelope(415, f"Send the request body as {wanted} (Content-Type: {wanted}).",
+                        param="Content-Type", code="unsupported_media_type")
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         return envelope(400, "The request body is not valid JSON.", code="invalid_json")
@@ -63,11 +93,27 @@ def _validation_handler(_req: Request, exc: RequestValidationError) -> JSONRespo
     return envelope(400, f"Invalid {where}: {msg}{more}.", param=param, code="invalid_value")
 
 
-def _http_handler(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+def allowed_methods(req: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's own 405 names only the methods
+    of the first route whose path matched, while FastAPI makes one route per method."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(req.app.routes):
+        match, _ = route.matches(req.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def _http_handler(req: Request, exc: StarletteHTTPException) -> JSONResponse:
     kinds = {401: "authentication_error", 404: "invalid_request_error",
              405: "invalid_request_error", 413: "invalid_request_error"}
-    return envelope(exc.status_code, str(exc.detail), kinds.get(exc.status_code, "api_error"),
-                    headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    message = str(exc.detail)
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(req))
+        message = f"{req.method} is not allowed here; the Allow header lists what is."
+    return envelope(exc.status_code, message, kinds.get(exc.status_code, "api_error"),
+                    headers=headers or None)
 
 
 def _api_handler(_req: Request, exc: APIError) -> JSONResponse:

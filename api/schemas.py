@@ -4,43 +4,105 @@ accepts is exactly what the trainer runs."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from api.errors import APIError
 from store.models import Checkpoint, Job, JobEvent, StoredFile, WebhookEndpoint
 from store.public import REPORT_KEYS, FineTuningJob, JobError, Progress, job_object  # noqa: F401
-from trainer.spec import AdapterSpec, EvaluationSpec, Method, SupervisedHyperparameters
+from trainer.spec import (
+    NO_CONTROL_CHARS,
+    AdapterSpec,
+    EvaluationSpec,
+    Method,
+    SupervisedHyperparameters,
+)
+
+# Every constraint is one JSON Schema can state, so /openapi.json is exactly as strict as
+# validation. Strings that reach a query never hold control characters (PostgreSQL cannot even
+# take a NUL), and a pattern also turns away lone surrogates, which cannot be encoded.
+ObjectId = Annotated[str, Path(min_length=1, pattern=NO_CONTROL_CHARS,
+                               description="The object's id (another tenant's objects: 404).")]
+PageAfter = Annotated[str | None, Query(pattern=NO_CONTROL_CHARS, description="Cursor: the id "
+                                        "of the last object of the previous page (400 if none).")]
+PageLimit = Annotated[int, Query(ge=1, le=100, description="Objects per page, 1 to 100.")]
+TextFilter = Annotated[str | None, Query(pattern=NO_CONTROL_CHARS)]
+# OpenAI's metadata limits. Spelled out for the document too: pydantic would put the key pattern
+# in patternProperties, which leaves other keys unchecked in JSON Schema.
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64, pattern=NO_CONTROL_CHARS)],
+         Annotated[str, Field(max_length=512, pattern=NO_CONTROL_CHARS)]],
+    Field(max_length=16),
+    WithJsonSchema({"type": "object", "maxProperties": 16,
+                    "propertyNames": {"maxLength": 64, "pattern": NO_CONTROL_CHARS},
+                    "additionalProperties": {"type": "string", "maxLength": 512,
+                                             "pattern": NO_CONTROL_CHARS}})]
+FileRef = Annotated[str, Field(min_length=1, max_length=64, pattern=NO_CONTROL_CHARS)]
+_NO_CONTROL = re.compile(NO_CONTROL_CHARS)
+
+
+def metadata_filters(request: Request) -> dict[str, str]:
+    """OpenAI's `metadata[key]=value` list filters, held to the limits of metadata itself (so a
+    filter can name anything a job can carry, and nothing PostgreSQL cannot compare)."""
+    filters = {}
+    for name, value in request.query_params.multi_items():
+        if name.startswith("metadata[") and name.endswith("]"):
+            key = name[len("metadata["):-1]
+            if len(key) > 64 or len(value) > 512 or not _NO_CONTROL.fullmatch(key + value):
+                raise APIError(400, f"Invalid '{name}': metadata keys are at most 64 characters, "
+                                    "values at most 512, neither with control characters.",
+                               param=name, code="invalid_value")
+            filters[key] = value
+    return filters
+
+
+# api.openapi documents a dependency's query parameters that FastAPI cannot see from here.
+metadata_filters.openapi_parameters = [{
+    "name": "metadata", "in": "query", "style": "deepObject", "explode": True,
+    "description": "Only jobs whose metadata holds every pair given: metadata[team]=search.",
+    "schema": {"type": "object",
+               "propertyNames": {"maxLength": 64, "pattern": NO_CONTROL_CHARS},
+               "additionalProperties": {"type": "string", "maxLength": 512,
+                                        "pattern": NO_CONTROL_CHARS}}}]
+
+# What store.netguard.parse (httpx) accepts, as a pattern: http(s), an ASCII host name (its last
+# label starts with a letter) or a dotted IPv4 address, no user:password@, a port in 1..65535, then
+# no whitespace or control characters. That the host resolves to a public address (unless
+# webhook_allow_private) is checked when registered and at every delivery: no pattern can say it.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_TOP_LABEL = r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+_URL_CHAR = r"[^\x00-\x20\x7F-\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000\uFEFF]"
+WEBHOOK_URL_PATTERN = (rf"^https?://(?:(?:{_LABEL}\.)*{_TOP_LABEL}|{_OCTET}(?:\.{_OCTET}){{3}})"
+                       rf"(?::{_PORT})?(?:[/?#]{_URL_CHAR}*)?$")
+
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # `hyperparameters` is the older form of `method`: both at once is refused (jobs route).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"not": {
+        "required": ["hyperparameters", "method"],
+        "properties": {"hyperparameters": {"type": "object"}, "method": {"type": "object"}}}})
 
     model: str = Field(..., min_length=1, max_length=200)
-    training_file: str = Field(..., min_length=1, max_length=64)
-    validation_file: str | None = Field(None, max_length=64)
+    training_file: FileRef
+    validation_file: FileRef | None = None
     hyperparameters: SupervisedHyperparameters | None = Field(
         None, description="OpenAI's older top-level form: supervised hyperparameters.")
     method: Method | None = Field(None, description="supervised (default), self_distillation, "
                                                     "or frozen_groups, each with its own block.")
-    adapter: AdapterSpec = Field(default_factory=AdapterSpec, description="driftsafe: LoRA or full.")
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec,
+                                 description="driftsafe: LoRA or full.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec,
                                        description="driftsafe: known-fact scoring settings.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = Field(
+        None, description="Up to 16 pairs; keys at most 64 characters, values at most 512.")
     integrations: list[dict] | None = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_limits(cls, v):
-        if v is None:
-            return v
-        if len(v) > 16:
-            raise ValueError("at most 16 metadata keys")
-        for k, val in v.items():
-            if len(k) > 64 or len(val) > 512:
-                raise ValueError("metadata keys are at most 64 characters, values at most 512")
-        return v
 
 
 class FileObject(BaseModel):
@@ -97,11 +159,32 @@ class ListOf(BaseModel):
     last_id: str | None = None
 
 
+WebhookEvent = Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed",
+                       "fine_tuning.job.cancelled"]
+
+
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    url: str = Field(..., pattern=r"^https?://", max_length=2000)
-    events: list[Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed",
-                         "fine_tuning.job.cancelled"]] | None = None
+    url: str = Field(..., pattern=WEBHOOK_URL_PATTERN, max_length=2000,
+                     description="http(s) URL on a public address (the host must resolve to "
+                                 "one when registered, and at every delivery).")
+    events: list[WebhookEvent] | None = None
+
+
+class WebhookObject(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    url: str
+    events: list[WebhookEvent]
+    created_at: int
+    secret: str | None = Field(None, description="The signing secret: only in the answer to "
+                                                 "the POST that made the endpoint.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: str
+    broker: str
 
 
 def file_object(f: StoredFile) -> dict:

@@ -33,6 +33,9 @@ def env_for(settings) -> dict:
     env["DRIFTSAFE_HEARTBEAT_SECONDS"] = str(settings.heartbeat_seconds)
     env["DRIFTSAFE_STALE_AFTER_SECONDS"] = str(settings.stale_after_seconds)
     env["DRIFTSAFE_WEBHOOK_ALLOW_PRIVATE"] = "true"  # test receivers listen on 127.0.0.1
+    # limits travel too, so a test that sends many requests can lift them
+    env["DRIFTSAFE_RATE_LIMIT_PER_MINUTE"] = str(settings.rate_limit_per_minute)
+    env["DRIFTSAFE_MAX_RUNNING_JOBS"] = str(settings.max_running_jobs)
     env["PYTHONPATH"] = str(ROOT)
     return env
 

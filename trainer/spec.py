@@ -15,7 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 METHOD_TYPES = ("supervised", "self_distillation", "frozen_groups")
 GROUPS = ("attention", "mlp", "embeddings", "lm_head", "norms")
-_LAYER_RANGE = re.compile(r"^layers:(\d+)(?:-(\d+))?$")
+_LAYER_RANGE = re.compile(r"^layers:([0-9]+)(?:-([0-9]+))?$")
+# The OpenAPI document that clients (and generators) read is exactly as strict as validation:
+# constraints are Field constraints where JSON Schema can say them, and a validator that checks
+# more also states it in the schema (json_schema_extra). Only a layer range's order is beyond a
+# schema (its description says it).
+TRAINABLE_PATTERN = "^(" + "|".join(GROUPS) + r"|layers:[0-9]+(-[0-9]+)?)$"
+_TRAINABLE = re.compile(TRAINABLE_PATTERN)
+NO_CONTROL_CHARS = r"^[^\x00-\x1F\x7F]*$"  # C0 controls and DEL: never in an id or a name
 
 Auto = Literal["auto"]
 
@@ -24,7 +31,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _not_both(a: str, b: str) -> dict:
+    """JSON Schema for "not a number in both `a` and `b`" (what `_one_learning_rate` checks)."""
+    return {"not": {"required": [a, b], "properties": {a: {"type": "number"},
+                                                      b: {"type": "number"}}}}
+
+
 class SupervisedHyperparameters(_Strict):
+    model_config = ConfigDict(json_schema_extra=_not_both("learning_rate",
+                                                          "learning_rate_multiplier"))
+
     n_epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = Field(
         "auto", description="Passes over the training file.")
     batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = Field(
@@ -32,7 +48,8 @@ class SupervisedHyperparameters(_Strict):
     learning_rate: Annotated[float, Field(gt=0, le=1.0)] | Auto = Field(
         "auto", description="Peak AdamW learning rate (absolute, not OpenAI's multiplier).")
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto | None = Field(
-        None, description="OpenAI's knob: scales the default learning rate. Not with learning_rate.")
+        None,
+        description="OpenAI's knob: scales the default learning rate. Not with learning_rate.")
     # Warmup then cosine decay: on the fact world it cut self-distillation's forgetting from a
     # third of SFT's (constant rate) to a fifth, with every new fact learned (README, bench).
     warmup_ratio: float = Field(0.05, ge=0, le=0.5, description="Share of steps of linear warmup.")
@@ -59,18 +76,22 @@ class SelfDistillationHyperparameters(SupervisedHyperparameters):
 
 
 class FrozenGroupsHyperparameters(SupervisedHyperparameters):
+    # The pattern is checked by `_known_groups` (so an error names `trainable` and says which
+    # groups exist) and stated for the document here: the same constant, so they cannot differ.
     trainable: list[str] = Field(
         ..., min_length=1,
+        json_schema_extra={"items": {"type": "string", "pattern": TRAINABLE_PATTERN}},
         description="Groups that train: attention, mlp, embeddings, lm_head, norms, and "
-                    "optionally 'layers:A-B' to limit attention/mlp/norms to decoder layers A..B.")
+                    "optionally 'layers:A-B' (A <= B) or 'layers:A' to limit attention/mlp/norms "
+                    "to decoder layers A..B.")
 
     @field_validator("trainable")
     @classmethod
     def _known_groups(cls, v: list[str]) -> list[str]:
         for name in v:
-            if name not in GROUPS and not _LAYER_RANGE.match(name):
+            if not _TRAINABLE.fullmatch(name):  # fullmatch: `$` also matches before a final \n
                 raise ValueError(f"unknown group {name!r}; use {list(GROUPS)} or 'layers:A-B'")
-            m = _LAYER_RANGE.match(name)
+            m = _LAYER_RANGE.match(name)  # its order no pattern can check
             if m and m.group(2) and int(m.group(2)) < int(m.group(1)):
                 raise ValueError(f"layer range {name!r} ends before it starts")
         if all(_LAYER_RANGE.match(n) for n in v):
@@ -103,7 +124,23 @@ class FrozenGroupsBlock(_Strict):
     hyperparameters: FrozenGroupsHyperparameters
 
 
+def _block_matches_type_schema() -> dict:
+    """JSON Schema for what `_block_matches_type` checks: only the block named by `type` may be
+    given (not null), and frozen_groups must be given."""
+    rules = []
+    for kind in METHOD_TYPES:
+        then: dict = {"properties": {o: {"type": "null"} for o in METHOD_TYPES if o != kind}}
+        if kind == "frozen_groups":
+            then |= {"required": [kind]}
+            then["properties"][kind] = {"type": "object"}
+        rules.append({"if": {"properties": {"type": {"const": kind}}, "required": ["type"]},
+                      "then": then})
+    return {"allOf": rules}
+
+
 class Method(_Strict):
+    model_config = ConfigDict(json_schema_extra=_block_matches_type_schema())
+
     type: Literal["supervised", "self_distillation", "frozen_groups"]
     supervised: SupervisedBlock | None = None
     self_distillation: SelfDistillationBlock | None = None
@@ -127,17 +164,21 @@ class Method(_Strict):
         return getattr(self, self.type).hyperparameters
 
 
+ModuleName = Annotated[str, Field(pattern=NO_CONTROL_CHARS)]
+
+
 class AdapterSpec(_Strict):
     type: Literal["lora", "full"] = "lora"
     r: int = Field(16, ge=1, le=512)
     alpha: float = Field(32, gt=0, le=4096)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: list[ModuleName] | Literal["all-linear"] = Field(
         "all-linear", description="Module names LoRA wraps; frozen_groups narrows them further.")
 
 
 class EvaluationSpec(_Strict):
-    known_facts_file: str | None = Field(None, description="QA file of facts the base knows.")
+    known_facts_file: str | None = Field(None, pattern=NO_CONTROL_CHARS,
+                                         description="QA file of facts the base knows.")
     max_forgetting: float = Field(0.05, ge=0, le=1, description="Budget for drift_safe.")
     eval_every_n_epochs: int | None = Field(None, ge=1, description="Score at every checkpoint "
                                                                     "this often.")

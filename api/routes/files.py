@@ -15,7 +15,16 @@ from sqlalchemy.orm import Session
 from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep
-from api.schemas import DeletedObject, FileObject, ListOf, file_object
+from api.schemas import (
+    DeletedObject,
+    FileObject,
+    ListOf,
+    ObjectId,
+    PageAfter,
+    PageLimit,
+    TextFilter,
+    file_object,
+)
 from api.tenancy import Scoped, list_body
 from store.models import Job, StoredFile, Tenant, new_id
 from trainer.data import DataFileError, summarize_lines
@@ -67,7 +76,7 @@ def _check_storage_quota(session: Session, tenant_id: str, size: int, settings) 
                         429: {"description": "Storage quota (max_storage_bytes) exceeded"}})
 def upload_file(file: UploadFile, session: SessionDep, tenant: CurrentTenant,
                 artifacts: ArtifactsDep, settings: SettingsDep, idem: IdempotencyDep,
-                purpose: str = Form(...)):
+                purpose: str = Form(..., json_schema_extra={"enum": list(PURPOSES)})):
     # A plain def: FastAPI runs it in the threadpool, so reading, validating and copying a large
     # file never stalls the event loop. The upload is already spooled to a temporary file; it is
     # read one line at a time and copied in chunks, never held whole in memory.
@@ -115,8 +124,8 @@ def upload_file(file: UploadFile, session: SessionDep, tenant: CurrentTenant,
 
 
 @router.get("", response_model=ListOf, summary="List files")
-def list_files(session: SessionDep, tenant: CurrentTenant, after: str | None = None,
-               limit: int = 20, purpose: str | None = None):
+def list_files(session: SessionDep, tenant: CurrentTenant, after: PageAfter = None,
+               limit: PageLimit = 20, purpose: TextFilter = None):
     scoped = Scoped(session, tenant)
     query = scoped.select(StoredFile)
     if purpose:
@@ -126,12 +135,14 @@ def list_files(session: SessionDep, tenant: CurrentTenant, after: str | None = N
 
 
 @router.get("/{file_id}", response_model=FileObject, summary="Retrieve a file")
-def get_file(file_id: str, session: SessionDep, tenant: CurrentTenant):
+def get_file(file_id: ObjectId, session: SessionDep, tenant: CurrentTenant):
     return file_object(Scoped(session, tenant).get(StoredFile, file_id, "file"))
 
 
-@router.get("/{file_id}/content", summary="The file's bytes")
-def file_content(file_id: str, session: SessionDep, tenant: CurrentTenant, artifacts: ArtifactsDep):
+@router.get("/{file_id}/content", summary="The file's bytes",
+            responses={200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}}})
+def file_content(file_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
+                 artifacts: ArtifactsDep):
     row = Scoped(session, tenant).get(StoredFile, file_id, "file")
     path = artifacts.path(row.storage_path)
     if not path.is_file():
@@ -140,8 +151,10 @@ def file_content(file_id: str, session: SessionDep, tenant: CurrentTenant, artif
     return FileResponse(path, media_type="application/jsonl")  # streamed in chunks
 
 
-@router.delete("/{file_id}", response_model=DeletedObject, summary="Delete a file")
-def delete_file(file_id: str, session: SessionDep, tenant: CurrentTenant, artifacts: ArtifactsDep):
+@router.delete("/{file_id}", response_model=DeletedObject, summary="Delete a file",
+               responses={409: {"description": "A queued or running job uses the file"}})
+def delete_file(file_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
+                artifacts: ArtifactsDep):
     scoped = Scoped(session, tenant)
     row = scoped.get(StoredFile, file_id, "file")
     user = session.scalar(scoped.select(Job).where(Job.status.in_(ACTIVE)).where(

@@ -4,6 +4,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from api.schemas import Health
+
 router = APIRouter(tags=["health"])
 
 
@@ -25,7 +27,10 @@ def _broker_ok(request: Request) -> str:
         return f"unreachable: {type(e).__name__}"
 
 
-@router.get("/healthz", summary="Database and broker reachability")
+@router.get("/healthz", summary="Database and broker reachability",
+            responses={200: {"model": Health},
+                       503: {"model": Health,
+                             "description": "The database or broker is unreachable"}})
 def healthz(request: Request):
     checks = {"database": _database_ok(request), "broker": _broker_ok(request)}
     ok = all(v == "ok" for v in checks.values())

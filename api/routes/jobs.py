@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 
-from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select, update
 
@@ -13,8 +13,18 @@ from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep
 from api.models_registry import known_model_ids
-from api.schemas import (FineTuningJob, JobCreate, ListOf, checkpoint_object, event_object,
-                         job_object)
+from api.schemas import (
+    FineTuningJob,
+    JobCreate,
+    ListOf,
+    ObjectId,
+    PageAfter,
+    PageLimit,
+    checkpoint_object,
+    event_object,
+    job_object,
+    metadata_filters,
+)
 from api.tenancy import Scoped, list_body
 from store.jobstate import ACTIVE, JobStatus, add_event, transition
 from store.models import Checkpoint, Job, JobEvent, StoredFile, by_public_id
@@ -117,9 +127,10 @@ def create_job(body: JobCreate, request: Request, background: BackgroundTasks,
     return idem.run(body.model_dump(mode="json"), produce)
 
 
-@router.get("/jobs", response_model=ListOf, summary="List fine-tuning jobs")
+@router.get("/jobs", response_model=ListOf, summary="List fine-tuning jobs",
+            dependencies=[Depends(metadata_filters)])
 def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant,
-              after: str | None = None, limit: int = 20, status: str | None = None):
+              after: PageAfter = None, limit: PageLimit = 20, status: JobStatus | None = None):
     scoped = Scoped(session, tenant)
     query = scoped.select(Job)
     if status:
@@ -133,14 +144,15 @@ def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant,
 
 
 @router.get("/jobs/{job_id}", response_model=FineTuningJob, summary="Retrieve a job")
-def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant):
+def get_job(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant):
     # A ready JSONResponse: the object is built by the same model as response_model, so FastAPI's
     # second validation of it would be pure cost on the hottest route.
     return JSONResponse(job_object(Scoped(session, tenant).get(Job, job_id, "fine-tuning job")))
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=FineTuningJob, summary="Cancel a job")
-def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, idem: IdempotencyDep):
+@router.post("/jobs/{job_id}/cancel", response_model=FineTuningJob, summary="Cancel a job",
+             responses={409: {"description": "The job has already finished"}})
+def cancel_job(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant, idem: IdempotencyDep):
     def produce() -> JSONResponse:
         Scoped(session, tenant).get(Job, job_id, "fine-tuning job")  # 404 for other tenants
         # Guarded writes: a job claimed between our read and our write is cancelled as running.
@@ -164,8 +176,8 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, idem: Id
 
 
 @router.get("/jobs/{job_id}/events", response_model=ListOf, summary="List a job's events")
-def list_events(job_id: str, session: SessionDep, tenant: CurrentTenant,
-                after: str | None = None, limit: int = 20):
+def list_events(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
+                after: PageAfter = None, limit: PageLimit = 20):
     scoped = Scoped(session, tenant)
     scoped.get(Job, job_id, "fine-tuning job")
     rows, more = scoped.page(scoped.select(JobEvent).where(JobEvent.job_id == job_id), JobEvent,
@@ -175,8 +187,8 @@ def list_events(job_id: str, session: SessionDep, tenant: CurrentTenant,
 
 @router.get("/jobs/{job_id}/checkpoints", response_model=ListOf,
             summary="List a job's checkpoints")
-def list_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant,
-                     after: str | None = None, limit: int = 10):
+def list_checkpoints(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
+                     after: PageAfter = None, limit: PageLimit = 10):
     scoped = Scoped(session, tenant)
     job = scoped.get(Job, job_id, "fine-tuning job")
     rows, more = scoped.page(scoped.select(Checkpoint).where(Checkpoint.job_id == job_id),
@@ -185,8 +197,11 @@ def list_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant,
 
 
 @router.get("/jobs/{job_id}/adapter", summary="Download the job's adapter (zip)",
-            responses={200: {"content": {"application/zip": {}}}})
-def job_adapter(job_id: str, session: SessionDep, tenant: CurrentTenant, artifacts: ArtifactsDep,
+            responses={200: {"content": {"application/zip": {"schema": {"type": "string"}}}},
+                       404: {"description": "No such job, no adapter yet, or (select=drift_safe) "
+                                            "no checkpoint within the forgetting budget"}})
+def job_adapter(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
+                artifacts: ArtifactsDep,
                 select: str | None = Query(None, pattern="^(latest|drift_safe)$")):
     from api.adapters import adapter_response, pick_checkpoint
 
@@ -197,8 +212,8 @@ def job_adapter(job_id: str, session: SessionDep, tenant: CurrentTenant, artifac
 
 
 @router.get("/checkpoints/{checkpoint_id}/adapter", summary="Download a checkpoint's adapter",
-            responses={200: {"content": {"application/zip": {}}}})
-def checkpoint_adapter(checkpoint_id: str, session: SessionDep, tenant: CurrentTenant,
+            responses={200: {"content": {"application/zip": {"schema": {"type": "string"}}}}})
+def checkpoint_adapter(checkpoint_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
                        artifacts: ArtifactsDep):
     from api.adapters import adapter_response
 

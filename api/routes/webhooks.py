@@ -10,7 +10,16 @@ from fastapi.responses import JSONResponse
 from api.deps import CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep
-from api.schemas import ListOf, WebhookCreate, webhook_object
+from api.schemas import (
+    DeletedObject,
+    ListOf,
+    ObjectId,
+    PageAfter,
+    PageLimit,
+    WebhookCreate,
+    WebhookObject,
+    webhook_object,
+)
 from api.tenancy import Scoped, list_body
 from store.models import WebhookEndpoint
 from store.netguard import RefusedURL, resolve
@@ -19,7 +28,8 @@ router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 ALL_EVENTS = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
 
 
-@router.post("", summary="Register a webhook endpoint (its signing secret is shown once)")
+@router.post("", response_model=WebhookObject,
+             summary="Register a webhook endpoint (its signing secret is shown once)")
 def create_webhook(body: WebhookCreate, session: SessionDep, tenant: CurrentTenant,
                    idem: IdempotencyDep, settings: SettingsDep):
     # Refused here so the tenant learns at once; the worker checks again at every delivery,
@@ -41,16 +51,16 @@ def create_webhook(body: WebhookCreate, session: SessionDep, tenant: CurrentTena
 
 
 @router.get("", response_model=ListOf, summary="List webhook endpoints")
-def list_webhooks(session: SessionDep, tenant: CurrentTenant, after: str | None = None,
-                  limit: int = 20):
+def list_webhooks(session: SessionDep, tenant: CurrentTenant, after: PageAfter = None,
+                  limit: PageLimit = 20):
     scoped = Scoped(session, tenant)
     rows, more = scoped.page(scoped.select(WebhookEndpoint), WebhookEndpoint, after=after,
                              limit=limit)
     return list_body([webhook_object(w) for w in rows], more)
 
 
-@router.delete("/{webhook_id}", summary="Delete a webhook endpoint")
-def delete_webhook(webhook_id: str, session: SessionDep, tenant: CurrentTenant):
+@router.delete("/{webhook_id}", response_model=DeletedObject, summary="Delete a webhook endpoint")
+def delete_webhook(webhook_id: ObjectId, session: SessionDep, tenant: CurrentTenant):
     row = Scoped(session, tenant).get(WebhookEndpoint, webhook_id, "webhook endpoint")
     session.delete(row)
     session.commit()
