@@ -113,7 +113,8 @@ def test_request_schemas_are_as_strict_as_validation(app, doc):
     assert schemas[ref]["properties"]["purpose"]["enum"] == ["fine-tune"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
 @given(st.from_regex(WEBHOOK_URL_PATTERN, fullmatch=True))
 def test_every_url_the_pattern_admits_is_one_the_sender_can_parse(url):
     parse(url)  # no RefusedURL: the pattern is no looser than store.netguard

@@ -3,11 +3,12 @@ every check it has, as an authenticated tenant, on a fresh PostgreSQL database (
 shape, and the database that refuses what SQLite lets through: a NUL in a string was a 500 there).
 
 The document must be exactly as strict as validation, so a request it calls valid must not get a
-400 and one it calls invalid must not get a 2xx. Four things no schema can say are supplied by
+400 and one it calls invalid must not get a 2xx. What no schema can say is supplied by
 `_make_semantically_valid` below, for valid (positive) requests only: that a referenced file
-exists, that a webhook host resolves to a public address, that a cursor names an existing object,
-and that an Idempotency-Key is fresh (a reused one answers 422 by design). Schemathesis checks the
-edited request against the schema again before sending it.
+exists, that an uploaded file holds training lines, that a webhook host resolves to a public
+address, that a cursor names an existing object, that a layer range's ends are in order, and that
+an Idempotency-Key is fresh (a reused one answers 422 by design). Schemathesis checks the edited
+request against the schema again before sending it; invalid (negative) requests go as generated.
 
 No worker runs: a created job only waits in the queue (max_running_jobs is lifted for this).
 """
