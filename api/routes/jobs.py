@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select, update
 
@@ -28,7 +28,6 @@ from api.schemas import (
 from api.tenancy import Scoped, list_body
 from store.jobstate import ACTIVE, JobStatus, add_event, transition
 from store.models import Checkpoint, Job, JobEvent, StoredFile, by_public_id
-from store.queue import backstop_time_limit
 from trainer.spec import Method, TrainSpec, resolve_auto
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
@@ -84,21 +83,9 @@ def _check_running_quota(session, tenant, settings) -> None:
                        code="quota_running_jobs", headers={"Retry-After": "60"})
 
 
-def _send_wake_up(request: Request, job_id: str, total_steps: int) -> None:
-    """After the response: send the message, then record that it was sent. If this never runs
-    (the process died, the broker is down), the reaper sends it."""
-    state = request.app.state
-    if state.sender.send(job_id, backstop_time_limit(state.settings, total_steps)):
-        with state.sessions() as s:
-            s.execute(update(Job).where(Job.id == job_id, Job.enqueued_at.is_(None))
-                      .values(enqueued_at=time.time()))
-            s.commit()
-
-
 @router.post("/jobs", response_model=FineTuningJob, summary="Create a fine-tuning job")
-def create_job(body: JobCreate, request: Request, background: BackgroundTasks,
-               session: SessionDep, tenant: CurrentTenant, settings: SettingsDep,
-               idem: IdempotencyDep):
+def create_job(body: JobCreate, request: Request, session: SessionDep, tenant: CurrentTenant,
+               settings: SettingsDep, idem: IdempotencyDep):
     def produce() -> JSONResponse:
         if body.model not in known_model_ids(settings):
             raise APIError(400, f"Unknown model '{body.model}'; GET /v1/models lists the models "
@@ -121,7 +108,7 @@ def create_job(body: JobCreate, request: Request, background: BackgroundTasks,
         session.flush()
         add_event(session, job, f"Created fine-tuning job: {job.id}")
         # The row is committed first: the message only wakes a worker, which reads the row.
-        idem.after_commit(lambda: background.add_task(_send_wake_up, request, job.id, steps))
+        idem.after_commit(lambda: request.app.state.wakeups.submit(job.id, steps))
         return JSONResponse(job_object(job))
 
     return idem.run(body.model_dump(mode="json"), produce)
