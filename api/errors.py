@@ -8,6 +8,7 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -126,8 +127,19 @@ def _unexpected_handler(req: Request, exc: Exception) -> JSONResponse:
                     code="internal_error")
 
 
+def _database_down_handler(req: Request, exc: Exception) -> JSONResponse:
+    """The database is unreachable (restarting, failing over): a 503 the client may retry, not a
+    500 that looks like a bug. The pool replaces dead connections on the next checkout."""
+    log.warning("database unavailable on %s %s: %s", req.method, req.url.path,
+                str(exc).splitlines()[0][:200])
+    return envelope(503, "The service's database is unavailable; retry shortly.", "api_error",
+                    code="database_unavailable", headers={"Retry-After": "2"})
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(OperationalError, _database_down_handler)
+    app.add_exception_handler(InterfaceError, _database_down_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Annotated, Callable
+from collections.abc import Callable
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, Response

@@ -15,8 +15,9 @@ possible, so a route added later is described without anyone remembering to:
     422  it takes an Idempotency-Key (the key was used with another request)
     429  it needs the caller's key (rate limit, job and storage quotas; Retry-After)
     500  every operation
+    503  every operation (its database is unreachable: restarting, failing over; Retry-After)
 
-plus what a route declares in `responses=` (409 on cancel, 503 on /healthz, ...). Every error
+plus what a route declares in `responses=` (409 on cancel, ...). Every error
 response has the envelope schema unless the route gave it another one.
 """
 
@@ -135,7 +136,7 @@ def _complete_operation(route, operation: dict[str, Any]) -> None:
     if _is_fastapi_validation_error(responses.get("422")):
         del responses["422"]
 
-    statuses = {500}
+    statuses = {500, 503}
     if any(params.values()) or has_body or idempotent:
         statuses.add(400)
     if authenticated:

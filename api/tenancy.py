@@ -8,8 +8,8 @@ from typing import TypeVar
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from api.errors import APIError, not_found
 from api.auth import TenantRef
+from api.errors import APIError, not_found
 
 T = TypeVar("T")
 

@@ -73,7 +73,7 @@ TARGETS = {"reads_vs_bare": 1.5, "creates_vs_bare": 1.0, "p99_ms": 100.0,
 # --------------------------------------------------------------------------- the bare app
 
 def _bare_tables():
-    from sqlalchemy import JSON, BigInteger, MetaData, String, Table, Column
+    from sqlalchemy import JSON, BigInteger, Column, MetaData, String, Table
 
     md = MetaData()
     keys = Table("bare_api_keys", md, Column("digest", String(64), primary_key=True),

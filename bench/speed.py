@@ -59,7 +59,7 @@ def ours(world: Path, method: str, steps: int, adapter: str = "lora") -> dict:
 def peak_memory_of_step(world: Path, method: str) -> int:
     """Peak live tensor bytes of training steps, model and optimizer state included."""
     from bench.memory import PeakTensorMemory
-    from trainer.loop import TrainJob, _Run, Callbacks
+    from trainer.loop import Callbacks, TrainJob, _Run
 
     examples = _examples(world, 4)
     run = _Run(TrainJob(spec=_spec(method, 4, len(examples)), model_dir=world / "model",
@@ -78,8 +78,14 @@ def peak_memory_of_step(world: Path, method: str) -> int:
 
 def hf_trainer(world: Path, steps: int) -> dict:
     """The Hugging Face Trainer on the same LoRA model, data, batch size and steps."""
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq,
-                              Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from trainer.adapters import prepare_lora
     from trainer.tokenize import encode_example

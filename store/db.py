@@ -9,8 +9,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.settings import Settings, get_settings

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session

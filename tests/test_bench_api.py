@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,9 +19,12 @@ KEYS = {"reads_per_s", "list_reads_per_s", "creates_per_s", "bare_reads_per_s",
 PHASES = {"reads", "list_reads", "creates", "reads_during_upload", "bare_reads", "bare_creates"}
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None,
-                    reason="wrk is not installed (apt-get install -y wrk)")
 def test_bench_api_smallest_run(tmp_path):
+    if shutil.which("wrk") is None:
+        # .ci/run installs wrk, so CI always measures; a laptop without it is told what to do.
+        if os.environ.get("CI"):
+            pytest.fail("wrk is not installed; .ci/run should have installed it")
+        pytest.skip("wrk is not installed (apt-get install -y wrk)")
     out = tmp_path / "api.json"
     run = subprocess.run([sys.executable, "-m", "cli.main", "bench", "api", "--seconds", "1",
                           "--warmup", "0", "--connections", "4", "--upload-mb", "1",

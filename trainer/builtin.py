@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -118,9 +117,8 @@ def train_base_model(model, tokenizer, world: World, config: BaseModelConfig, se
                      log=print) -> None:
     """Memorise every known fact: full training from scratch (loss on every token by default)."""
     from trainer.losses import answer_cross_entropy
-    from trainer.tokenize import IGNORE, Encoded, collate
-
     from trainer.scoring import accuracy
+    from trainer.tokenize import IGNORE, Encoded, collate
 
     turns = _turn_encodings(tokenizer, world)
     known_qa = [f.to_qa() for f in world.known]

@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from trainer import teacher as teachers
 from trainer.checkpoint import CheckpointInfo, latest_checkpoint, load_state, save_checkpoint
 from trainer.data import Example
 from trainer.evaluate import KnowledgeProbe
 from trainer.losses import answer_cross_entropy, distillation_kl, logits_at, loss_positions
 from trainer.slick import SlickSettings, category_counts, classify
-from trainer import teacher as teachers
 from trainer.spec import SelfDistillationHyperparameters, TrainSpec, resolve_auto
 from trainer.tokenize import Encoded, collate, encode_example
 

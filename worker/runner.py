@@ -25,8 +25,14 @@ from store.db import session_scope
 from store.models import Checkpoint, Job, StoredFile
 from store.queue import task_time_limit
 from store.settings import Settings
-from worker.lifecycle import (add_event, cancel_requested, claim_job, finish_job, heartbeat,
-                              record_checkpoint)
+from worker.lifecycle import (
+    add_event,
+    cancel_requested,
+    claim_job,
+    finish_job,
+    heartbeat,
+    record_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 METRICS_EVENT_EVERY_S = 2.0  # metrics events; every step still lands in the results CSV

@@ -129,3 +129,18 @@ def test_wake_up_is_recorded_after_the_response_and_a_down_broker_costs_nothing(
         assert s.query(Job).filter_by(status="queued").count() == 4  # nothing lost: the reaper sends
 
 
+
+
+def test_an_unreachable_database_is_503_with_retry_after_not_500(tmp_path):
+    """A server whose database is down answers what a client can act on: 503, retry later."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from store.settings import Settings
+
+    down = Settings(data_dir=tmp_path / "down", secret_key="x",
+                    database_url="postgresql+psycopg://postgres@127.0.0.1:1/none")
+    with TestClient(create_app(down), raise_server_exceptions=False) as c:
+        r = c.get("/v1/fine_tuning/jobs", headers={"Authorization": "Bearer dsk-anything"})
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    assert r.json()["error"]["code"] == "database_unavailable"

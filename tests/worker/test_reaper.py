@@ -6,7 +6,7 @@ import time
 import pytest
 
 from store.db import migrate, session_scope
-from store.models import (Checkpoint, Job, JobEvent, Tenant, WebhookDelivery, WebhookEndpoint)
+from store.models import Checkpoint, Job, JobEvent, Tenant, WebhookDelivery, WebhookEndpoint
 from store.queue import BrokerEpoch, make_celery
 from store.settings import Settings
 from worker.lifecycle import claim_job, finish_job
