@@ -83,7 +83,7 @@ class Job(Base):
     hyperparameters: Mapped[dict | None] = mapped_column(JSONType, nullable=True)  # resolved
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     job_metadata: Mapped[dict | None] = mapped_column("metadata", JSONType, nullable=True)
-    status: Mapped[str] = mapped_column(String(32), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(32), index=True)  # a store.jobstate.JobStatus
     error: Mapped[dict | None] = mapped_column(JSONType, nullable=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(300), nullable=True)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

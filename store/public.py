@@ -63,7 +63,8 @@ class FineTuningJob(BaseModel):
 
 
 def _openai_hyperparameters(job: Job) -> dict:
-    hp = job.hyperparameters or Method.model_validate(job.spec["method"]).hyperparameters.model_dump()
+    hp = (job.hyperparameters
+          or Method.model_validate(job.spec["method"]).hyperparameters.model_dump())
     return {**hp, "learning_rate_multiplier": hp.get("learning_rate_multiplier") or "auto"}
 
 
@@ -85,6 +86,6 @@ def job_object(job: Job) -> dict:
         error=JobError(**job.error) if job.error else None, seed=spec["seed"],
         estimated_finish=job.estimated_finish, metadata=job.job_metadata, integrations=[],
         user_provided_suffix=job.suffix, adapter=spec["adapter"], evaluation=evaluation,
-        progress=Progress(**job.progress) if job.progress and job.status == "running" else None,
+        progress=Progress(**job.progress) if job.progress and job.status == JobStatus.RUNNING else None,
         cancel_requested=job.cancel_requested,
     ).model_dump()

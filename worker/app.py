@@ -1,4 +1,4 @@
-"""The Celery app of the worker: one task, `driftsafe.run_job`, with its policy as attributes.
+"""The Celery app of the worker: one task, `driftsafe.run_job`; its policy is store/queue.py's.
 
 Policy: late acknowledgement (a message is acked only after its job ends, so a worker that dies
 mid-job does not lose it), one task reserved at a time, one job per process at a time, and a
@@ -23,10 +23,10 @@ app.conf.update(worker_max_tasks_per_child=1, worker_hijack_root_logger=False)
 
 
 class RunJobTask(Task):
-    acks_late = True
-    reject_on_worker_lost = False  # a killed worker's job is re-queued by the reaper, not here
+    # Acknowledgement and redelivery policy is the app's (store/queue.py), in one place. The time
+    # limit is per job: each message carries one made from the job's steps (the runner stops the
+    # job at a checkpoint before it; Celery's hard limit is the backstop for a hung step).
     max_retries = 0
-    time_limit = None  # jobs run for hours; the heartbeat, not a time limit, detects death
     ignore_result = True
 
 

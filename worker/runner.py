@@ -22,6 +22,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from store.artifacts import ArtifactStore
 from store.db import session_scope
+from store.jobstate import JobStatus
 from store.models import Checkpoint, Job, StoredFile
 from store.queue import task_time_limit
 from store.settings import Settings
@@ -216,7 +217,7 @@ def _fail(settings: Settings, job: Job, worker_id: str, e: Exception) -> str:
 
     def write() -> str:
         with session_scope(settings) as s:
-            return "failed" if finish_job(s, job.id, worker_id, "failed", error={
+            return JobStatus.FAILED if finish_job(s, job.id, worker_id, JobStatus.FAILED, error={
                 "code": getattr(e, "code", "training_failed"), "message": message[:2000],
                 "param": None}, message=f"Job failed: {message[:500]}", level="error") else "lost"
     return with_db_retry(write, "fail")
@@ -294,7 +295,7 @@ def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: st
     if beat.lost:
         log.warning("job %s was taken from this worker; leaving its row alone", job.id)
         return "lost"
-    if result.status == "cancelled" and beat.timed_out:
+    if result.status == JobStatus.CANCELLED and beat.timed_out:
         raise JobFailure(f"the job ran past its time limit of "
                          f"{task_time_limit(settings, job.total_steps):.0f} s at step "
                          f"{result.step}/{result.total_steps}; its last checkpoint is kept",
@@ -310,15 +311,15 @@ def _finish(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: s
     common = dict(hyperparameters=hp, trained_tokens=result.trained_tokens)
     with session_scope(settings) as s:
         common["result_files"] = [_results_file(s, artifacts, job, history)]
-        if result.status == "cancelled":
-            return "cancelled" if finish_job(
-                s, job.id, worker_id, "cancelled", **common,
+        if result.status == JobStatus.CANCELLED:
+            return JobStatus.CANCELLED if finish_job(
+                s, job.id, worker_id, JobStatus.CANCELLED, **common,
                 message=f"Job cancelled at step {result.step}; its last checkpoint is kept.") \
                 else "lost"
         suffix = f":{job.suffix}" if job.suffix else ""
         safe = (result.report or {}).get("drift_safe")
-        return "succeeded" if finish_job(
-            s, job.id, worker_id, "succeeded", **common, evaluation=result.report,
+        return JobStatus.SUCCEEDED if finish_job(
+            s, job.id, worker_id, JobStatus.SUCCEEDED, **common, evaluation=result.report,
             fine_tuned_model=f"ft:{job.model}:{job.tenant_id}{suffix}:{job.id}",
             message="The job has successfully completed" + (
                 f"; drift-safe: {safe}" if safe is not None else "")) else "lost"

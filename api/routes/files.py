@@ -26,12 +26,12 @@ from api.schemas import (
     file_object,
 )
 from api.tenancy import Scoped, list_body
+from store.jobstate import ACTIVE
 from store.models import Job, StoredFile, Tenant, new_id
 from trainer.data import DataFileError, summarize_lines
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("fine-tune",)
-ACTIVE = ("validating_files", "queued", "running")
 
 
 def _label(filename: str | None) -> str:

@@ -126,7 +126,8 @@ def test_wake_up_is_recorded_after_the_response_and_a_down_broker_costs_nothing(
     assert len(calls) == 1  # the circuit opened after the first failure
     with session_scope(settings) as s:
         assert all(s.query(Job).filter_by(id=i).one().enqueued_at is None for i in ids)
-        assert s.query(Job).filter_by(status="queued").count() == 4  # nothing lost: the reaper sends
+        # nothing lost: the reaper sends
+        assert s.query(Job).filter_by(status="queued").count() == 4
 
 
 
@@ -144,3 +145,26 @@ def test_an_unreachable_database_is_503_with_retry_after_not_500(tmp_path):
         r = c.get("/v1/fine_tuning/jobs", headers={"Authorization": "Bearer dsk-anything"})
     assert r.status_code == 503 and r.headers["Retry-After"]
     assert r.json()["error"]["code"] == "database_unavailable"
+
+
+def test_a_small_pool_serves_concurrent_idempotent_posts_without_deadlock(settings, alice):
+    """Each request holds at most one pooled connection (the idempotency record shares the
+    request's session), so more concurrent requests than connections queue instead of each
+    holding one connection while waiting for a second (which deadlocked into pool timeouts)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    small = settings.model_copy(update={"db_pool_size": 2, "db_max_overflow": 0})
+    with TestClient(create_app(small), raise_server_exceptions=False) as c:
+        fid = upload(c, alice).json()["id"]
+
+        def post(i):
+            return c.post("/v1/fine_tuning/jobs", headers=h(alice, **{"Idempotency-Key": f"p{i}"}),
+                          json={"model": "driftsafe-factlm-tiny", "training_file": fid}).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(post, range(8)))
+    assert codes == [200] * 8
