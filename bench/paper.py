@@ -30,7 +30,8 @@ COLUMNS = ("task_accuracy", "new_fact_accuracy", "base_heldout_known_accuracy",
            "heldout_known_accuracy", "forgetting")
 
 
-def _spec(method: str, *, adapter: str = "full", lr: float = LR_FULL, seed: int = 0, **extra) -> TrainSpec:
+def _spec(method: str, *, adapter: str = "full", lr: float = LR_FULL, seed: int = 0,
+          **extra) -> TrainSpec:
     hp = {"n_epochs": EPOCHS, "batch_size": BATCH, "learning_rate": lr, **SCHEDULE, **extra}
     return TrainSpec.model_validate({"method": {"type": method, method: {"hyperparameters": hp}},
                                      "adapter": {"type": adapter}, "seed": seed})
@@ -41,7 +42,8 @@ def runs(seed: int, lora: bool) -> list[tuple[str, str, TrainSpec, str]]:
     rows = [
         ("sft", "supervised", _spec("supervised", seed=seed), "mixed"),
         ("self_distillation", "self_distillation λ=1 τ=0.5",
-         _spec("self_distillation", seed=seed, distill_weight=1.0, distill_temperature=0.5), "mixed"),
+         _spec("self_distillation", seed=seed, distill_weight=1.0, distill_temperature=0.5),
+         "mixed"),
         ("attention_only", "frozen_groups [attention]",
          _spec("frozen_groups", seed=seed, trainable=["attention"]), "mixed"),
         ("mlp_only", "frozen_groups [mlp]", _spec("frozen_groups", seed=seed, trainable=["mlp"]),
@@ -70,7 +72,8 @@ def training_sets(world_dir: Path) -> dict[str, list]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| run | method | task acc | new-fact acc | base held-out | tuned held-out | forgetting |"
+    head = ("| run | method | task acc | new-fact acc | base held-out | tuned held-out "
+            "| forgetting |")
     lines = [head, "|---|---|---|---|---|---|---|"]
 
     def pct(v):

@@ -1,4 +1,4 @@
-"""`driftsafe bench speed`: four ratios, each measured side by side in one run on the built-in model.
+"""`driftsafe bench speed`: four ratios, measured side by side in one run on the built-in model.
 
   trainer_vs_hf       our loop's training examples/s over the Hugging Face Trainer's, same model
                       (LoRA r=16), data, batch size and number of steps (target >= 1.0)
@@ -68,7 +68,7 @@ def peak_memory_of_step(world: Path, method: str) -> int:
     run.total_steps = 2
     run.run()  # warm: AdamW state exists from here on
     run.total_steps = 4
-    resident = [t for t in run.model.state_dict().values()]
+    resident = list(run.model.state_dict().values())
     resident += [v for s in run.optimizer.state.values() for v in s.values()
                  if isinstance(v, torch.Tensor)]
     with PeakTensorMemory(resident) as mem:
@@ -181,7 +181,8 @@ def main(args) -> int:
     print("| figure | value | target |\n|---|---|---|")
     for key, (op, target) in TARGETS.items():
         print(f"| {key} | {figures[key]:.3f} | {op} {target} |")
-    print(f"| sd_over_sft_time_full | {figures['sd_over_sft_time_full']:.3f} | (full fine-tuning) |")
+    print(f"| sd_over_sft_time_full | {figures['sd_over_sft_time_full']:.3f} "
+          "| (full fine-tuning) |")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, default=float))
     return 0

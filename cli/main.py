@@ -27,7 +27,8 @@ def _train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model with the trainer alone (no service)")
     p.add_argument("--config", help="JSON file with a TrainSpec and the paths below")
     p.add_argument("--model", help="model directory (default: the built-in model)")
-    p.add_argument("--training-file", help="JSONL training file (default: the built-in train.jsonl)")
+    p.add_argument("--training-file",
+                   help="JSONL training file (default: the built-in train.jsonl)")
     p.add_argument("--known-facts", help="QA JSONL of facts the base knows (default: built-in)")
     p.add_argument("--out", required=True, help="output directory (checkpoints, final adapter)")
     p.add_argument("--method", default="self_distillation",

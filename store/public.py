@@ -86,6 +86,7 @@ def job_object(job: Job) -> dict:
         error=JobError(**job.error) if job.error else None, seed=spec["seed"],
         estimated_finish=job.estimated_finish, metadata=job.job_metadata, integrations=[],
         user_provided_suffix=job.suffix, adapter=spec["adapter"], evaluation=evaluation,
-        progress=Progress(**job.progress) if job.progress and job.status == JobStatus.RUNNING else None,
+        progress=(Progress(**job.progress)
+                  if job.progress and job.status == JobStatus.RUNNING else None),
         cancel_requested=job.cancel_requested,
     ).model_dump()

@@ -19,7 +19,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path.home() / ".local" / "share" / "driftsafe",
                            description="Root of the SQLite file, artifacts and the local broker.")
-    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir.")
+    database_url: str | None = Field(None,
+                                     description="SQLAlchemy URL; default SQLite in data_dir.")
     broker_url: str | None = Field(None, description="Celery broker; default a folder in data_dir.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     max_training_examples: int = Field(1_000_000, ge=1)

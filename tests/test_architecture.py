@@ -34,7 +34,7 @@ def test_worker_and_store_never_import_the_api_and_the_api_never_imports_torch()
 
 
 def test_job_status_strings_live_only_in_store_jobstate():
-    literal = re.compile(r"""["'](%s)["']""" % "|".join(STATUSES))
+    literal = re.compile(r"""["']({})["']""".format("|".join(STATUSES)))
     for package in ("api", "worker", "store"):
         for path in modules(package):
             if path.name == "jobstate.py" or "migrations" in path.parts:

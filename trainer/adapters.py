@@ -16,7 +16,8 @@ _LAYER = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
 _GROUP_PATTERNS = (  # first match wins
     ("norms", re.compile(r"(^|[._])(norm|ln_\w*|\w*layernorm|\w*layer_norm)(\.|$)")),
     ("lm_head", re.compile(r"(^|\.)(lm_head|embed_out)(\.|$)")),
-    ("embeddings", re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|embed_positions)(\.|$)")),
+    ("embeddings",
+     re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|embed_positions)(\.|$)")),
     ("attention", re.compile(r"(^|\.)(self_attn|attn|attention)(\.|$)")),
     ("mlp", re.compile(r"(^|\.)(mlp|feed_forward|ffn)(\.|$)")),
 )
@@ -48,7 +49,8 @@ def frozen_groups_of(spec: TrainSpec) -> FrozenGroupsHyperparameters | None:
 
 
 def prepare_full(model, spec: TrainSpec):
-    """Full fine-tuning; with frozen_groups, everything outside the groups keeps requires_grad off."""
+    """Full fine-tuning; with frozen_groups, everything outside the groups keeps
+    requires_grad off."""
     fg = frozen_groups_of(spec)
     for name, p in model.named_parameters():
         p.requires_grad_(fg is None or is_selected(name, fg.groups(), fg.layer_range()))

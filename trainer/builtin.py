@@ -169,15 +169,16 @@ def _write_world(out: Path, world: World, build: BuildConfig, log=print) -> None
     tokenizer = build_tokenizer(world)
     model = build_model(tokenizer, build.model, build.world.seed)
     train_base_model(model, tokenizer, world, build.model, build.world.seed, log=log)
-    heldout_acc = accuracy(model, tokenizer, [f.to_qa() for f in world.heldout_known]).float().mean()
+    heldout_acc = accuracy(model, tokenizer,
+                           [f.to_qa() for f in world.heldout_known]).float().mean()
     log(f"base model: held-out known accuracy {heldout_acc:.3f}")
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     known_rows = [f.to_qa() for f in world.train_known]
     write_jsonl(out / "train.jsonl", _mix(known_rows, [f.to_qa() for f in world.train_new_names],
                                           build.world.seed))
-    write_jsonl(out / "train_uuid.jsonl", _mix(known_rows, [f.to_qa() for f in world.train_new_uuids],
-                                               build.world.seed))
+    write_jsonl(out / "train_uuid.jsonl",
+                _mix(known_rows, [f.to_qa() for f in world.train_new_uuids], build.world.seed))
     write_jsonl(out / "heldout_known.jsonl", [f.to_qa() for f in world.heldout_known])
     description = world.describe()
     description["model_id"] = MODEL_ID

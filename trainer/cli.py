@@ -55,7 +55,8 @@ def train_command(args) -> int:
 
     config = json.loads(Path(args.config).read_text()) if args.config else {}
     world = None
-    if not (args.model or config.get("model")) or not (args.training_file or config.get("training_file")):
+    if (not (args.model or config.get("model"))
+            or not (args.training_file or config.get("training_file"))):
         world = default_world_dir(log=lambda m: print(m, file=sys.stderr))
     model = Path(args.model or config.get("model") or world / "model")
     train_file = args.training_file or config.get("training_file") or world / "train.jsonl"

@@ -59,7 +59,8 @@ class KnowledgeProbe:
         # A hallucination is a confident wrong answer, not silence: empty answers do not count.
         now_wrong = ~heldout_ok & torch.tensor([bool(normalize(a)) for a in answers])
         hallucination = float((was_right & now_wrong).sum()) / max(1, int(was_right.sum()))
-        drift = mean_kl(self.base.heldout_logprobs, answer_logprobs(model, self.tokenizer, self.known))
+        drift = mean_kl(self.base.heldout_logprobs,
+                        answer_logprobs(model, self.tokenizer, self.known))
         forgetting = base_acc - tuned_acc
         return {
             "base_heldout_known_accuracy": base_acc,

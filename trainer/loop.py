@@ -194,7 +194,8 @@ class _Run:
             teacher = warm
         model = prepare_lora(base, self.spec) if lora else prepare_full(base, self.spec)
         if sd is not None and teacher is None:
-            teacher = teachers.AdapterOffTeacher(model) if lora else teachers.FrozenCopyTeacher(base)
+            teacher = (teachers.AdapterOffTeacher(model) if lora
+                       else teachers.FrozenCopyTeacher(base))
         return model, teacher
 
     def _format_warmup(self, model) -> None:
@@ -206,7 +207,8 @@ class _Run:
         model.train()
         for b in range(0, len(order), self.hp.batch_size):
             batch = self._batch(order[b: b + self.hp.batch_size])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
             loss = answer_cross_entropy(logits, batch["labels"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -256,7 +258,8 @@ class _Run:
         extra = {}
         if isinstance(self.teacher, teachers.NamedAdapterTeacher):
             from peft import get_peft_model_state_dict
-            extra = {"teacher_adapter": get_peft_model_state_dict(self.model, adapter_name="teacher")}
+            extra = {"teacher_adapter": get_peft_model_state_dict(self.model,
+                                                                  adapter_name="teacher")}
         elif self.teacher is not None and self._warm_teacher:
             extra = {"teacher_model": self.teacher.model.state_dict()}
         info = save_checkpoint(self.checkpoint_root, step=step, epoch=step / self.steps_per_epoch,
@@ -329,7 +332,8 @@ class _Run:
                                     "epoch": step / self.steps_per_epoch,
                                     "learning_rate": self.scheduler.get_last_lr()[0],
                                     "seconds_remaining": remaining, **parts})
-            if self.job.save_checkpoints and step < self.total_steps and self._is_checkpoint_step(step):
+            if (self.job.save_checkpoints and step < self.total_steps
+                    and self._is_checkpoint_step(step)):
                 metrics = self._measure()
                 self.model.train()
                 checkpoints.append(self._checkpoint(step, metrics, tokens))

@@ -9,7 +9,8 @@ base (non-chat) models is n_shots=4, n_prompts=10.
 Per variant we need "is the greedy answer right?" and "is any of `n_samples` samples at
 `temperature` right?". Both follow from one teacher-forced pass over
 prompt + gold answer, with no generation:
-  - greedy decoding produces the gold tokens iff each gold token is the argmax where it is predicted;
+  - greedy decoding produces the gold tokens iff each gold token is the argmax where it is
+    predicted;
   - one sample equals the gold tokens with probability p = prod softmax(z / T)[gold], so "any of n
     samples is right" is a Bernoulli(1 - (1 - p)^n) draw, taken from a seeded generator.
 That is the same distribution as sampling n answers and comparing tokens, at 1/(n+1) of the cost.
@@ -64,7 +65,8 @@ def _greedy_and_sample_prob(model, tokenizer, examples: list[Example], settings:
         where = target != IGNORE
         safe = target.clamp(min=0)
         hit = (logits.argmax(-1) == safe) | ~where
-        logp = torch.log_softmax(logits / settings.temperature, -1).gather(-1, safe[..., None])[..., 0]
+        logp = (torch.log_softmax(logits / settings.temperature, -1)
+                .gather(-1, safe[..., None])[..., 0])
         greedy += hit.all(-1).tolist()
         prob += (logp * where).sum(-1).exp().tolist()
     return greedy, prob

@@ -1,4 +1,4 @@
-"""Examples to token ids through the tokenizer's chat template, with the loss on answer tokens only."""
+"""Examples to token ids through the tokenizer's chat template, with loss on answer tokens only."""
 
 from __future__ import annotations
 
@@ -41,11 +41,12 @@ def encode_example(tokenizer, example: Example, max_len: int) -> Encoded:
     msgs = list(example.messages)
     ids = token_ids(tokenizer, render(tokenizer, msgs, add_generation_prompt=False))
     labels = [IGNORE] * len(ids)
-    for i, (m, w) in enumerate(zip(msgs, example.weights)):
+    for i, (_, w) in enumerate(zip(msgs, example.weights)):
         if not w:
             continue
         start = len(encode_prompt(tokenizer, msgs[:i]))
-        through = token_ids(tokenizer, render(tokenizer, msgs[: i + 1], add_generation_prompt=False))
+        through = token_ids(tokenizer,
+                            render(tokenizer, msgs[: i + 1], add_generation_prompt=False))
         if ids[: len(through)] != through:
             raise ValueError(f"line {example.line}: the chat template does not render turns "
                              "as a prefix of the whole conversation")

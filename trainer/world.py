@@ -118,11 +118,13 @@ class World:
         }
 
 
-def _make_words(rng: random.Random, count: int, taken: set[str], syllables: tuple[int, int]) -> list[str]:
+def _make_words(rng: random.Random, count: int, taken: set[str],
+                syllables: tuple[int, int]) -> list[str]:
     words: list[str] = []
     while len(words) < count:
         n = rng.randint(*syllables)
-        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(n)) + rng.choice(_CODAS)
+        w = ("".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(n))
+             + rng.choice(_CODAS))
         w = w.capitalize()
         if w not in taken:
             taken.add(w)
@@ -175,7 +177,8 @@ def generate_world(config: WorldConfig = WorldConfig()) -> World:
     rng.shuffle(shuffled)
     need = config.n_train_known + config.n_heldout_known
     if need > len(shuffled):
-        raise ValueError(f"train_known + heldout_known = {need} exceeds {len(shuffled)} known facts")
+        raise ValueError(f"train_known + heldout_known = {need} exceeds {len(shuffled)} "
+                         "known facts")
     train_known = shuffled[: config.n_train_known]
     heldout = shuffled[config.n_train_known: need]
     rng.shuffle(new_names)

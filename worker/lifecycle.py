@@ -36,7 +36,8 @@ def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
     return job
 
 
-def heartbeat(session: Session, job_id: str, worker_id: str, progress: dict | None) -> tuple[bool, bool]:
+def heartbeat(session: Session, job_id: str, worker_id: str,
+              progress: dict | None) -> tuple[bool, bool]:
     """Stamp the heartbeat; returns (still ours, cancel requested)."""
     values: dict = {"heartbeat_at": time.time()}
     if progress is not None:

@@ -42,7 +42,8 @@ def test_client_filename_is_only_a_label(client, alice, settings):
     (b'{"messages": [{"role": "user", "content": "hi"}]}\n', 1, "last message"),
     (b"", 0, "no examples"),
 ])
-def test_bad_upload_is_400_with_line_and_leaves_nothing(client, alice, settings, data, line, reason):
+def test_bad_upload_is_400_with_line_and_leaves_nothing(client, alice, settings, data, line,
+                                                        reason):
     r = upload(client, alice, data)
     assert r.status_code == 400
     err = r.json()["error"]
@@ -132,12 +133,14 @@ def test_bad_job_bodies_are_400_naming_the_param_and_store_nothing(client, alice
 
 
 def test_malformed_json_and_wrong_types_are_4xx_in_the_envelope(client, alice):
-    r = client.post("/v1/fine_tuning/jobs", headers=h(alice, **{"Content-Type": "application/json"}),
+    r = client.post("/v1/fine_tuning/jobs",
+                    headers=h(alice, **{"Content-Type": "application/json"}),
                     content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = client.post("/v1/fine_tuning/jobs", headers=h(alice), json=["a", "list"])
     assert r.status_code == 400 and "error" in r.json()
-    r = client.post("/v1/fine_tuning/jobs", headers=h(alice), json={"model": 5, "training_file": {}})
+    r = client.post("/v1/fine_tuning/jobs", headers=h(alice),
+                    json={"model": 5, "training_file": {}})
     assert r.status_code == 400 and r.json()["error"]["param"] in ("model", "training_file")
 
 

@@ -128,7 +128,8 @@ def test_lora_leaves_base_weights_untouched_and_adapter_reloads_exactly(
 
 def test_resume_from_checkpoint_equals_an_uninterrupted_run(builtin_world, builtin_examples,
                                                            tmp_path):
-    s = spec("self_distillation", epochs=2, batch=16).model_copy(update={"checkpoint_every_n_steps": 2})
+    s = spec("self_distillation", epochs=2, batch=16).model_copy(
+        update={"checkpoint_every_n_steps": 2})
     whole = train(job(builtin_world, builtin_examples, tmp_path / "whole", s, slick=None))
     calls = {"n": 0}
 
