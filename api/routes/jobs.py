@@ -89,7 +89,8 @@ def create_job(body: JobCreate, request: Request, session: SessionDep, tenant: C
     def produce() -> JSONResponse:
         if body.model not in known_model_ids(settings):
             raise APIError(400, f"Unknown model '{body.model}'; GET /v1/models lists the models "
-                                "this service can fine-tune.", param="model", code="model_not_found")
+                                "this service can fine-tune.", param="model",
+                           code="model_not_found")
         spec = _training_spec(body)
         scoped = Scoped(session, tenant)
         training = _file_for(scoped, body.training_file, "training_file")
