@@ -52,6 +52,9 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
+        # A broker that restarts must not kill the job that is training: the row, not the
+        # message, is the truth (Celery 6 would cancel running late-ack tasks by default).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_concurrency=WORKER_CONCURRENCY,
         task_serializer="json",
         accept_content=["json"],  # never unpickle a message

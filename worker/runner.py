@@ -84,6 +84,22 @@ def _resume_step(job_dir: Path) -> int:
     return json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
 
 
+def _record_unrecorded(settings: Settings, job: Job, job_dir: str, artifacts: ArtifactStore,
+                       step: int) -> None:
+    """A worker killed between saving a checkpoint and recording it left a folder with no row:
+    the resume uses it, so it is recorded now (it is progress, and retention must see it)."""
+    if not step:
+        return
+    from trainer.checkpoint import checkpoint_dir
+
+    folder = checkpoint_dir(artifacts.path(f"{job_dir}/checkpoints"), step)
+    with session_scope(settings) as s:
+        if s.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job.id,
+                                                Checkpoint.step_number == step)) is None:
+            metrics = json.loads((folder / "trainer_state.json").read_text()).get("metrics", {})
+            record_checkpoint(s, job, step, f"{job_dir}/checkpoints/{folder.name}", metrics)
+
+
 def prune_checkpoints(session, artifacts: ArtifactStore, job_id: str, keep_last: int) -> list[str]:
     """Retention: the last `keep_last` checkpoints and every drift-safe one stay; the rows of the
     others are deleted here and their folders returned for deletion after the commit."""
@@ -286,7 +302,10 @@ def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: st
         for path in with_db_retry(write, "checkpoint"):
             artifacts.delete(path)  # after the rows are gone: never a row without its files
 
-    history.truncate_after(_resume_step(artifacts.path(job_dir)))
+    resume_step = _resume_step(artifacts.path(job_dir))
+    history.truncate_after(resume_step)
+    with_db_retry(lambda: _record_unrecorded(settings, job, job_dir, artifacts, resume_step),
+                  "checkpoint")
     result = train(TrainJob(spec=spec, model_dir=model_dir, train_examples=examples,
                             known_facts=known, output_dir=artifacts.path(job_dir),
                             log_every_n_steps=1, max_tokens=settings.max_job_tokens),

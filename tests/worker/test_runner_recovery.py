@@ -1,0 +1,41 @@
+"""What a worker finds on disk when it resumes a job whose last worker was killed."""
+
+import json
+
+from store.artifacts import ArtifactStore
+from store.db import session_scope
+from store.models import Checkpoint, Job
+from tests.worker.test_reaper import add_job, setup
+from worker.runner import MetricsHistory, _record_unrecorded, _resume_step
+
+
+def test_a_checkpoint_saved_but_never_recorded_is_recorded_on_resume(tmp_path):
+    settings = setup(tmp_path)
+    job_id = add_job(settings, status="running", worker_id="w", checkpoint_steps=[88])
+    artifacts = ArtifactStore(settings.artifacts_dir)
+    with session_scope(settings) as s:
+        job = s.query(Job).filter_by(id=job_id).one()
+    job_dir = artifacts.job_dir(job.tenant_id, job.id)
+    folder = artifacts.path(f"{job_dir}/checkpoints/step-000096")
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 96, "metrics": {
+        "drift_safe": True, "forgetting": 0.01}}))
+    (folder / "trainer_state.pt").write_bytes(b"")
+    assert _resume_step(artifacts.path(job_dir)) == 96
+    _record_unrecorded(settings, job, job_dir, artifacts, 96)
+    _record_unrecorded(settings, job, job_dir, artifacts, 96)  # once only
+    with session_scope(settings) as s:
+        rows = {c.step_number: c for c in s.query(Checkpoint).filter_by(job_id=job_id)}
+        assert set(rows) == {88, 96} and rows[96].drift_safe is True
+        assert rows[96].storage_path.endswith("checkpoints/step-000096")
+
+
+def test_history_keeps_steps_before_the_resume_and_drops_those_redone(tmp_path):
+    history = MetricsHistory(tmp_path)
+    for step in range(1, 11):
+        history.append({"step": step, "train_loss": 1.0 / step})
+    history.truncate_after(6)  # the checkpoint the next run resumes from
+    for step in range(7, 9):
+        history.append({"step": step, "train_loss": 2.0})
+    assert [r["step"] for r in history.rows()] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert history.rows()[6]["train_loss"] == 2.0
