@@ -37,11 +37,18 @@ class KeyCache:
         self._entries: dict[str, tuple[TenantRef | None, float]] = {}
         self._lock = threading.Lock()
 
-    def tenant_for(self, session_factory, clear_key: str) -> TenantRef | None:
-        digest = hash_key(self.secret, clear_key)
-        hit = self._entries.get(digest)
+    def cached(self, clear_key: str) -> tuple[bool, TenantRef | None]:
+        """(found in the cache, its tenant): no database, safe on the event loop."""
+        hit = self._entries.get(hash_key(self.secret, clear_key))
         if hit is not None and hit[1] > time.monotonic():
-            return hit[0]
+            return True, hit[0]
+        return False, None
+
+    def tenant_for(self, session_factory, clear_key: str) -> TenantRef | None:
+        found, tenant = self.cached(clear_key)
+        if found:
+            return tenant
+        digest = hash_key(self.secret, clear_key)
         with session_factory() as session:
             tenant = lookup(session, digest)
         ttl = self.ttl_s if tenant is not None else min(self.ttl_s, NEGATIVE_TTL_S)

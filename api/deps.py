@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from api.auth import TenantRef
@@ -12,12 +13,16 @@ from api.errors import APIError
 from store.artifacts import ArtifactStore
 from store.settings import Settings
 
+# The dependencies here are `async def` because they do not block (or block only on a cache
+# miss, which goes to a thread): FastAPI runs a sync dependency in its threadpool, a thread hop
+# per dependency per request that the hot routes (a job read) paid several times over.
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request):
+async def get_session(request: Request):
     # A session takes a pooled connection at its first query and gives it back when its
     # transaction ends. A GET only reads: its statements run in autocommit, one round trip each.
     state = request.app.state
@@ -25,10 +30,13 @@ def get_session(request: Request):
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():  # a ROLLBACK is a round trip: not on the event loop
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
-def get_artifacts(request: Request) -> ArtifactStore:
+async def get_artifacts(request: Request) -> ArtifactStore:
     return request.app.state.artifacts
 
 
@@ -37,14 +45,16 @@ SessionDep = Annotated[Session, Depends(get_session)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 
 
-def get_tenant(request: Request) -> TenantRef:
+async def get_tenant(request: Request) -> TenantRef:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
                        type="authentication_error", code="missing_api_key")
     state = request.app.state
-    tenant = state.keys.tenant_for(state.sessions, key.strip())
+    hit, tenant = state.keys.cached(key.strip())
+    if not hit:
+        tenant = await run_in_threadpool(state.keys.tenant_for, state.sessions, key.strip())
     if tenant is None:
         raise APIError(401, "Incorrect or revoked API key.", type="authentication_error",
                        code="invalid_api_key")

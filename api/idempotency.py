@@ -128,4 +128,10 @@ class Idempotency:
         return response
 
 
-IdempotencyDep = Annotated[Idempotency, Depends(Idempotency)]
+async def idempotency(request: Request, tenant: CurrentTenant, session: SessionDep,
+                      settings: SettingsDep) -> Idempotency:
+    """The request's unit of work (async: building it does not block, so no thread hop)."""
+    return Idempotency(request, tenant, session, settings)
+
+
+IdempotencyDep = Annotated[Idempotency, Depends(idempotency)]

@@ -33,7 +33,7 @@ from fastapi.routing import APIRoute
 
 from api.deps import get_tenant
 from api.errors import iter_route_contexts
-from api.idempotency import MAX_KEY_LENGTH, Idempotency
+from api.idempotency import MAX_KEY_LENGTH, idempotency
 from api.models_registry import known_model_ids
 
 ERROR = "Error"
@@ -130,7 +130,7 @@ def _complete_operation(route, operation: dict[str, Any]) -> None:
     calls = {d.call for d in _walk(route.dependant)}
     params = {kind: [p for d in _walk(route.dependant) for p in getattr(d, kind)]
               for kind in ("path_params", "query_params", "header_params")}
-    authenticated, idempotent = get_tenant in calls, Idempotency in calls
+    authenticated, idempotent = get_tenant in calls, idempotency in calls
     has_body = route.body_field is not None
     responses = operation.setdefault("responses", {})
     if _is_fastapi_validation_error(responses.get("422")):

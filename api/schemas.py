@@ -44,7 +44,7 @@ FileRef = Annotated[str, Field(min_length=1, max_length=64, pattern=NO_CONTROL_C
 _NO_CONTROL = re.compile(NO_CONTROL_CHARS)
 
 
-def metadata_filters(request: Request) -> dict[str, str]:
+async def metadata_filters(request: Request) -> dict[str, str]:
     """OpenAI's `metadata[key]=value` list filters, held to the limits of metadata itself (so a
     filter can name anything a job can carry, and nothing PostgreSQL cannot compare)."""
     filters = {}
