@@ -3,15 +3,25 @@ so isolation cannot be forgotten route by route. Another tenant's object is simp
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TypeVar
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from api.auth import TenantRef
 from api.errors import APIError, not_found
 
 T = TypeVar("T")
+
+
+@lru_cache
+def _by_id(model) -> Select:
+    """One object of one tenant, built once per model with bound parameters: a lookup by id is
+    the hottest query, and building the statement anew (and its cache key) cost as much as
+    running it."""
+    return select(model).where(model.tenant_id == bindparam("tenant_id"),
+                               model.id == bindparam("id"))
 
 
 class Scoped:
@@ -22,7 +32,7 @@ class Scoped:
         return select(model).where(model.tenant_id == self.tenant.id)
 
     def find(self, model: type[T], object_id: str) -> T | None:
-        return self.session.scalar(self.select(model).where(model.id == object_id))
+        return self.session.scalar(_by_id(model), {"tenant_id": self.tenant.id, "id": object_id})
 
     def get(self, model: type[T], object_id: str, what: str, param: str | None = None) -> T:
         row = self.find(model, object_id)

@@ -63,8 +63,11 @@ class FineTuningJob(BaseModel):
 
 
 def _openai_hyperparameters(job: Job) -> dict:
-    hp = (job.hyperparameters
-          or Method.model_validate(job.spec["method"]).hyperparameters.model_dump())
+    # A spec stored by the API was dumped from a validated TrainSpec, so its block is complete
+    # as it is (validating it again on every read cost more than the read's query).
+    method = job.spec["method"]
+    hp = (job.hyperparameters or (method.get(method["type"]) or {}).get("hyperparameters")
+          or Method.model_validate(method).hyperparameters.model_dump())
     return {**hp, "learning_rate_multiplier": hp.get("learning_rate_multiplier") or "auto"}
 
 
