@@ -22,7 +22,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep
@@ -31,6 +31,12 @@ from store.models import IdempotencyRecord
 
 MAX_KEY_LENGTH = 255
 SECRET_FIELDS = ("secret",)  # shown once, when made: never kept in a stored response
+
+
+# Built once: every keyed POST runs it, and building a statement costs as much as running it.
+RECORD_BY_KEY = select(IdempotencyRecord).where(
+    IdempotencyRecord.tenant_id == bindparam("tenant_id"),
+    IdempotencyRecord.key == bindparam("key"))
 
 
 def fingerprint(route: str, body: object) -> str:
@@ -66,8 +72,7 @@ class Idempotency:
         self._undo.append(fn)
 
     def _find(self) -> IdempotencyRecord | None:
-        return self.session.scalar(select(IdempotencyRecord).where(
-            IdempotencyRecord.tenant_id == self.tenant_id, IdempotencyRecord.key == self.key))
+        return self.session.scalar(RECORD_BY_KEY, {"tenant_id": self.tenant_id, "key": self.key})
 
     def _replay(self, found: IdempotencyRecord, fp: str) -> Response:
         if found.fingerprint != fp:

@@ -7,7 +7,7 @@ import time
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
@@ -73,9 +73,12 @@ def _planned_steps(spec: TrainSpec, examples: int, settings) -> int:
     return steps
 
 
+ACTIVE_JOBS = (select(func.count()).select_from(Job)  # built once: every creation runs it
+               .where(Job.tenant_id == bindparam("tenant_id"), Job.status.in_(ACTIVE)))
+
+
 def _check_running_quota(session, tenant, settings) -> None:
-    active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant.id, Job.status.in_(ACTIVE)))
+    active = session.scalar(ACTIVE_JOBS, {"tenant_id": tenant.id})
     if active >= settings.max_running_jobs:
         raise APIError(429, f"This organization already has {active} queued or running jobs; the "
                             f"limit is max_running_jobs={settings.max_running_jobs}. Wait for "
