@@ -6,28 +6,43 @@ adapter is asked, and what chat models (the built-in one included) expect; with 
 variant is the same prompt, so one is asked and MaybeKnown cannot occur. Gekhman's setting for
 base (non-chat) models is n_shots=4, n_prompts=10.
 
+Exemplars (`draw_exemplars`): every variant draws its own `n_shots` exemplars, independently and
+from a seeded generator, among the pool's facts of the same relation as the fact, never the fact
+itself (Gekhman et al.). The relation is read off the question with `trainer.world.relation_of`,
+which knows the built-in world's question templates. A question that fits no template (a user's own
+file: a QA line carries no relation) draws from the whole pool instead, as does a fact whose
+relation has no other fact in the pool.
+
 Per variant we need "is the greedy answer right?" and "is any of `n_samples` samples at
-`temperature` right?". Both follow from one teacher-forced pass over
-prompt + gold answer, with no generation:
-  - greedy decoding produces the gold tokens iff each gold token is the argmax where it is
-    predicted;
-  - one sample equals the gold tokens with probability p = prod softmax(z / T)[gold], so "any of n
-    samples is right" is a Bernoulli(1 - (1 - p)^n) draw, taken from a seeded generator.
-That is the same distribution as sampling n answers and comparing tokens, at 1/(n+1) of the cost.
-The match is token-exact, which is what greedy decoding of a single accepted answer means.
+`temperature` right?".
+  - Greedy: the variant is answered by batched greedy generation (`trainer.scoring.greedy_answers`)
+    and judged by `trainer.scoring.is_correct` — SQuAD-normalised exact match against every
+    accepted answer (`Example.answers`), the same judge as the service's accuracy figures. A
+    teacher-forced argmax check would be cheaper but only sees the exact token sequences of the
+    accepted answers, not every string that normalises to one of them; on the built-in model,
+    generation costs no more than that forward pass (answers are a few tokens).
+  - Samples, teacher-forced with no generation: for each accepted answer a, one sample equals a's
+    tokens (end-of-turn included) with probability p_a = prod softmax(z / T)[token]. Distinct
+    complete token sequences are disjoint outcomes, so one sample is one of the accepted answers
+    with probability p = min(1, sum_a p_a), and "any of n samples is right" is a
+    Bernoulli(1 - (1 - p)^n) draw from a seeded generator. That is the distribution of sampling n
+    answers and comparing them token-exactly with the accepted answers; a sample that only
+    normalises to an accepted answer (other case, punctuation or articles) is not counted, so p is
+    a lower bound of the normalised-match probability.
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from trainer.data import Example
-from trainer.scoring import model_device
+from trainer.scoring import greedy_answers, is_correct, model_device
 from trainer.tokenize import IGNORE, collate, encode_example
+from trainer.world import relation_of
 
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 
@@ -42,6 +57,47 @@ class SlickSettings:
     seed: int = 0
 
 
+def _question(ex: Example) -> str:
+    users = [m["content"] for m in ex.prompt_messages if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def fact_relation(ex: Example) -> str | None:
+    """The relation of a fact's (last) question, or None when no known template fits."""
+    return relation_of(_question(ex))
+
+
+def draw_exemplars(examples: list[Example], pool: list[Example],
+                   settings: SlickSettings) -> list[list[list[Example]]]:
+    """Per fact, per variant: that variant's exemplars, each variant drawn independently.
+
+    `n_shots` exemplars per variant, without repetition inside a variant, from the pool's facts of
+    the fact's relation other than the fact itself (fewer when there are fewer); from the whole
+    pool when the relation is unknown or has no other fact there. Deterministic in `settings.seed`.
+    """
+    n_prompts = settings.n_prompts if settings.n_shots else 1
+    if not settings.n_shots:
+        return [[[] for _ in range(n_prompts)] for _ in examples]
+    rng = random.Random(settings.seed)
+    by_relation: dict[str | None, list[Example]] = defaultdict(list)
+    for e in pool:
+        by_relation[fact_relation(e)].append(e)
+    out = []
+    for ex in examples:
+        relation, question = fact_relation(ex), _question(ex)
+        group = by_relation.get(relation) if relation is not None else None
+        if not group or all(_question(e) == question for e in group):
+            group = pool
+        variants = []
+        for _ in range(n_prompts):
+            # n_shots + 1 drawn so that dropping the fact itself still leaves n_shots: given the
+            # fact is (or is not) among the draw, the others are a uniform draw of the rest.
+            drawn = rng.sample(group, min(len(group), settings.n_shots + 1))
+            variants.append([e for e in drawn if _question(e) != question][: settings.n_shots])
+        out.append(variants)
+    return out
+
+
 def _with_exemplars(ex: Example, shots: list[Example]) -> Example:
     msgs: list[dict] = []
     for s in shots:
@@ -51,45 +107,55 @@ def _with_exemplars(ex: Example, shots: list[Example]) -> Example:
     return Example(tuple(msgs), weights, ex.answers, ex.line)
 
 
+def _answering(ex: Example, answer: str) -> Example:
+    """The same conversation with `answer` as its last assistant turn."""
+    msgs = [dict(m) for m in ex.messages]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    msgs[last]["content"] = answer
+    return Example(tuple(msgs), ex.weights, ex.answers, ex.line)
+
+
 @torch.inference_mode()
-def _greedy_and_sample_prob(model, tokenizer, examples: list[Example], settings: SlickSettings):
+def _sample_prob(model, tokenizer, examples: list[Example], settings: SlickSettings) -> list[float]:
+    """Per example: P(one sample at `temperature` is one of its accepted answers, token-exact)."""
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    greedy, prob = [], []
-    for b in range(0, len(examples), settings.batch_size):
-        enc = [encode_example(tokenizer, e, 1024) for e in examples[b: b + settings.batch_size]]
+    rows: list[Example] = []
+    owner: list[int] = []
+    for i, ex in enumerate(examples):
+        for a in dict.fromkeys(ex.answers or (ex.messages[-1]["content"],)):
+            rows.append(_answering(ex, a))
+            owner.append(i)
+    prob = torch.zeros(len(examples), dtype=torch.float64)
+    for b in range(0, len(rows), settings.batch_size):
+        enc = [encode_example(tokenizer, e, 1024) for e in rows[b: b + settings.batch_size]]
         batch = {k: v.to(device) for k, v in collate(enc, pad).items()}
         logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+                       attention_mask=batch["attention_mask"]).logits[:, :-1]
         target = batch["labels"][:, 1:]
         where = target != IGNORE
-        safe = target.clamp(min=0)
-        hit = (logits.argmax(-1) == safe) | ~where
-        logp = (torch.log_softmax(logits / settings.temperature, -1)
-                .gather(-1, safe[..., None])[..., 0])
-        greedy += hit.all(-1).tolist()
-        prob += (logp * where).sum(-1).exp().tolist()
-    return greedy, prob
+        logp = (torch.log_softmax(logits[where].float() / settings.temperature, -1)
+                .gather(-1, target[where][:, None])[:, 0])
+        row = torch.arange(len(enc), device=device)[:, None].expand_as(target)[where]
+        seq = torch.zeros(len(enc), device=device).index_add_(0, row, logp).exp()
+        prob.index_add_(0, torch.tensor(owner[b: b + len(enc)]), seq.double().cpu())
+    return prob.clamp(max=1.0).tolist()
 
 
 def classify(model, tokenizer, examples: list[Example], exemplars: list[Example] | None = None,
              settings: SlickSettings = SlickSettings()) -> list[str]:
     """A SliCK category per example. Exemplars default to the other examples of the list."""
     pool = exemplars if exemplars is not None else examples
-    rng = random.Random(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    n_prompts = settings.n_prompts if settings.n_shots else 1
-    variants: list[Example] = []
-    for ex in examples:
-        others = [e for e in rng.sample(pool, min(len(pool), settings.n_shots + 1)) if e is not ex]
-        for _ in range(n_prompts):
-            shots = rng.sample(others, min(len(others), settings.n_shots)) if others else []
-            variants.append(_with_exemplars(ex, shots))
-    greedy, prob = _greedy_and_sample_prob(model, tokenizer, variants, settings)
+    shots = draw_exemplars(examples, pool, settings)
+    k = len(shots[0]) if shots else 1
+    variants = [_with_exemplars(ex, s) for ex, per in zip(examples, shots) for s in per]
+    answers = greedy_answers(model, tokenizer, variants, batch_size=settings.batch_size)
+    greedy = [is_correct(a, v.answers) for a, v in zip(answers, variants)]
+    prob = _sample_prob(model, tokenizer, variants, settings)
     p_any = 1 - (1 - torch.tensor(prob, dtype=torch.float64)) ** settings.n_samples
     sampled = (torch.rand(len(prob), generator=gen, dtype=torch.float64) < p_any).tolist()
     out = []
-    k = n_prompts
     for i in range(len(examples)):
         g, s = greedy[i * k: (i + 1) * k], sampled[i * k: (i + 1) * k]
         if all(g):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 
 RELATIONS: dict[str, tuple[str, ...]] = {
@@ -32,6 +33,24 @@ RELATIONS: dict[str, tuple[str, ...]] = {
         "What is the employer of {e} ?",
     ),
 }
+
+_TEMPLATE_PATTERNS: tuple[tuple[re.Pattern, str], ...] = tuple(
+    (re.compile("^" + re.escape(t).replace(re.escape("{e}"), ".+") + "$"), relation)
+    for relation, templates in RELATIONS.items() for t in templates)
+
+
+def relation_of(question: str) -> str | None:
+    """The relation a question asks about, read off the question templates of `RELATIONS`.
+
+    None when the question fits no template: a user's own file carries no relation, and the
+    question text is all a QA line has.
+    """
+    q = question.strip()
+    for pattern, relation in _TEMPLATE_PATTERNS:
+        if pattern.match(q):
+            return relation
+    return None
+
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
            "kl", "st", "tr", "sh", "ch", "th", "pl"]

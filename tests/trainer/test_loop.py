@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.loop import Callbacks, TrainJob, train
-from trainer.scoring import greedy_answers
+from trainer.scoring import accuracy
 from trainer.spec import TrainSpec
 
 
@@ -109,21 +109,41 @@ def test_frozen_parameters_are_bit_identical_after_training(builtin_world, built
 
 def test_lora_leaves_base_weights_untouched_and_adapter_reloads_exactly(
         builtin_world, builtin_examples, tmp_path):
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from trainer.losses import logits_at, loss_positions
+    from trainer.tokenize import collate, encode_example
 
     result = train(job(builtin_world, builtin_examples, tmp_path, spec(epochs=3, lr=3e-3),
                        known=200, slick=None))
     tok = AutoTokenizer.from_pretrained(builtin_world / "model")
-    base = AutoModelForCausalLM.from_pretrained(builtin_world / "model")
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    loaded = PeftModel.from_pretrained(base, result.final_dir / "adapter")
-    facts = builtin_examples["known"][:200]
-    answers = greedy_answers(loaded, tok, facts)
-    right = sum(a.strip() == f.answers[0] for a, f in zip(answers, facts)) / len(facts)
+    reference = AutoModelForCausalLM.from_pretrained(builtin_world / "model")  # another model
+    fresh = AutoModelForCausalLM.from_pretrained(builtin_world / "model")
+    loaded = PeftModel.from_pretrained(fresh, result.final_dir / "adapter")
+    saved = load_file(result.final_dir / "adapter" / "adapter_model.safetensors")
+    # The artifact is LoRA factors only, every one of them trained away from its init or zero.
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert all(saved[k].abs().max() > 0 for k in saved if ".lora_B." in k)
+    # Reloads exactly: the model's LoRA weights are the saved tensors, bit for bit.
+    live = get_peft_model_state_dict(loaded)
+    assert live.keys() == saved.keys() and all(torch.equal(live[k], saved[k]) for k in saved)
+    # Every base weight, LoRA-wrapped layers included, equals the untouched reference model's.
+    ref = reference.state_dict()
+    base = {k.replace(".base_layer.", "."): v
+            for k, v in loaded.get_base_model().state_dict().items() if "lora_" not in k}
+    assert base.keys() == ref.keys() and all(torch.equal(base[k], ref[k]) for k in ref)
+    batch = collate([encode_example(tok, e, 64) for e in builtin_examples["known"][:16]],
+                    tok.pad_token_id)
+    args = (batch["input_ids"], batch["attention_mask"], loss_positions(batch["labels"]))
+    with torch.no_grad():
+        expected = logits_at(reference, *args)
+        assert not torch.allclose(logits_at(loaded, *args), expected, atol=1e-3)
+        with loaded.disable_adapter():
+            assert torch.allclose(logits_at(loaded, *args), expected, atol=1e-5)
+    # ...and answers the held-out facts exactly as the job reported, with the service's matcher.
+    right = accuracy(loaded, tok, builtin_examples["known"][:200]).float().mean().item()
     assert right == pytest.approx(result.report["heldout_known_accuracy"])
-    with loaded.disable_adapter():
-        assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()
-                   if "lora" not in k and k in before)
 
 
 def test_resume_from_checkpoint_equals_an_uninterrupted_run(builtin_world, builtin_examples,
