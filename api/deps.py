@@ -26,14 +26,15 @@ async def get_session(request: Request):
     # A session takes a pooled connection at its first query and gives it back when its
     # transaction ends. A GET only reads: its statements run in autocommit, one round trip each.
     state = request.app.state
-    session = (state.readers if request.method in ("GET", "HEAD") else state.sessions)()
+    reading = request.method in ("GET", "HEAD")
+    session = (state.readers if reading else state.sessions)()
     try:
         yield session
     finally:
-        if session.in_transaction():  # a ROLLBACK is a round trip: not on the event loop
+        if reading or not session.in_transaction():
+            session.close()  # autocommit: nothing to roll back, no round trip
+        else:  # a ROLLBACK is a round trip: not on the event loop
             await run_in_threadpool(session.close)
-        else:
-            session.close()
 
 
 async def get_artifacts(request: Request) -> ArtifactStore:
