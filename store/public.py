@@ -16,7 +16,12 @@ from trainer.spec import Method
 
 REPORT_KEYS = ("base_heldout_known_accuracy", "heldout_known_accuracy", "forgetting",
                "hallucination_rate", "new_fact_accuracy", "task_accuracy", "output_drift",
-               "knowledge_categories", "max_forgetting", "drift_safe")
+               "knowledge_categories", "max_forgetting", "drift_safe",
+               "forgetting_seen_entities", "forgetting_unseen_entities",
+               "heldout_known_accuracy_seen_entities", "heldout_known_accuracy_unseen_entities",
+               "base_heldout_known_accuracy_seen_entities",
+               "base_heldout_known_accuracy_unseen_entities",
+               "heldout_known_facts_seen_entities", "heldout_known_facts_unseen_entities")
 
 
 class JobError(BaseModel):

@@ -13,6 +13,7 @@ import torch
 
 from trainer.data import Example
 from trainer.scoring import answer_logprobs, greedy_answers, is_correct, mean_kl, normalize
+from trainer.world import entity_of
 
 
 @dataclass
@@ -32,6 +33,46 @@ def _mean(mask: torch.Tensor) -> float | None:
     return float(mask.float().mean()) if mask.numel() else None
 
 
+STRATA = ("seen_entities", "unseen_entities")
+
+
+def seen_entity_mask(train_examples: list[Example], known_facts: list[Example]
+                     ) -> torch.Tensor | None:
+    """Per held-out fact: is its entity the entity of some training question?
+
+    The entity is read off the world's question templates (`trainer.world.entity_of`). None when
+    it cannot be told: a held-out question fits no template, or no training question does (a
+    user's own files): the strata are then unknown, not empty.
+    """
+    seen = {entity_of(m["content"]) for e in train_examples for m in e.messages
+            if m["role"] == "user"} - {None}
+    known = [entity_of(f.messages[0]["content"]) for f in known_facts]
+    if not seen or not known or any(k is None for k in known):
+        return None
+    return torch.tensor([k in seen for k in known], dtype=torch.bool)
+
+
+def strata_report(seen: torch.Tensor | None, base_correct: torch.Tensor,
+                  tuned_correct: torch.Tensor) -> dict:
+    """Held-out size, base and tuned accuracy and forgetting within each entity stratum.
+
+    Every value is None where the strata are unknown (`seen` None); accuracies and forgetting
+    are None where a stratum is empty.
+    """
+    out: dict = {}
+    for name, mask in zip(STRATA, (seen, None if seen is None else ~seen)):
+        if mask is None:
+            base = tuned = size = None
+        else:
+            size = int(mask.sum())
+            base, tuned = _mean(base_correct[mask]), _mean(tuned_correct[mask])
+        out[f"heldout_known_facts_{name}"] = size
+        out[f"base_heldout_known_accuracy_{name}"] = base
+        out[f"heldout_known_accuracy_{name}"] = tuned
+        out[f"forgetting_{name}"] = None if base is None or tuned is None else base - tuned
+    return out
+
+
 class KnowledgeProbe:
     def __init__(self, tokenizer, train_examples: list[Example], known_facts: list[Example],
                  max_forgetting: float):
@@ -40,6 +81,7 @@ class KnowledgeProbe:
         self.known = known_facts
         self.max_forgetting = max_forgetting
         self.base: Baseline | None = None
+        self.seen = seen_entity_mask(train_examples, known_facts)  # None: strata unknown
 
     def baseline(self, model) -> Baseline:
         train_known, _ = _correct(model, self.tokenizer, self.train)
@@ -72,4 +114,5 @@ class KnowledgeProbe:
             "output_drift": drift,
             "max_forgetting": self.max_forgetting,
             "drift_safe": forgetting <= self.max_forgetting,
+            **strata_report(self.seen, self.base.heldout_correct, heldout_ok),
         }

@@ -35,7 +35,7 @@ RELATIONS: dict[str, tuple[str, ...]] = {
 }
 
 _TEMPLATE_PATTERNS: tuple[tuple[re.Pattern, str], ...] = tuple(
-    (re.compile("^" + re.escape(t).replace(re.escape("{e}"), ".+") + "$"), relation)
+    (re.compile("^" + re.escape(t).replace(re.escape("{e}"), "(.+)") + "$"), relation)
     for relation, templates in RELATIONS.items() for t in templates)
 
 
@@ -49,6 +49,19 @@ def relation_of(question: str) -> str | None:
     for pattern, relation in _TEMPLATE_PATTERNS:
         if pattern.match(q):
             return relation
+    return None
+
+
+def entity_of(question: str) -> str | None:
+    """The entity (the person's name or key) a question asks about, read off the same templates.
+
+    None when the question fits no template, or when what fills the template's slot is blank.
+    """
+    q = question.strip()
+    for pattern, _ in _TEMPLATE_PATTERNS:
+        m = pattern.match(q)
+        if m:
+            return m.group(1).strip() or None
     return None
 
 
