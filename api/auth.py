@@ -13,11 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from store.keys import hash_key
-from store.models import ApiKey, Tenant
+from store.keys import hash_key, tenant_for_digest
 
 NEGATIVE_TTL_S = 5.0
 MAX_CACHED_KEYS = 10_000
@@ -37,20 +33,21 @@ class KeyCache:
         self._entries: dict[str, tuple[TenantRef | None, float]] = {}
         self._lock = threading.Lock()
 
-    def cached(self, clear_key: str) -> tuple[bool, TenantRef | None]:
+    def digest(self, clear_key: str) -> str:
+        return hash_key(self.secret, clear_key)
+
+    def cached(self, digest: str) -> tuple[bool, TenantRef | None]:
         """(found in the cache, its tenant): no database, safe on the event loop."""
-        hit = self._entries.get(hash_key(self.secret, clear_key))
+        hit = self._entries.get(digest)
         if hit is not None and hit[1] > time.monotonic():
             return True, hit[0]
         return False, None
 
-    def tenant_for(self, session_factory, clear_key: str) -> TenantRef | None:
-        found, tenant = self.cached(clear_key)
-        if found:
-            return tenant
-        digest = hash_key(self.secret, clear_key)
+    def load(self, session_factory, digest: str) -> TenantRef | None:
+        """Look the key up in the database (a cache miss) and remember the answer."""
         with session_factory() as session:
-            tenant = lookup(session, digest)
+            row = tenant_for_digest(session, digest)
+        tenant = TenantRef(row.id, row.name) if row else None
         ttl = self.ttl_s if tenant is not None else min(self.ttl_s, NEGATIVE_TTL_S)
         if ttl > 0:
             with self._lock:
@@ -58,13 +55,6 @@ class KeyCache:
                     self._entries.clear()  # crude but bounded; refills at one query per key
                 self._entries[digest] = (tenant, time.monotonic() + ttl)
         return tenant
-
-
-def lookup(session: Session, digest: str) -> TenantRef | None:
-    """One query: the key's tenant, if the key exists and is not revoked."""
-    row = session.execute(select(Tenant.id, Tenant.name).join(ApiKey, ApiKey.tenant_id == Tenant.id)
-                          .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).first()
-    return TenantRef(row.id, row.name) if row else None
 
 
 class RateLimiter:

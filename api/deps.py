@@ -53,9 +53,10 @@ async def get_tenant(request: Request) -> TenantRef:
         raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
                        type="authentication_error", code="missing_api_key")
     state = request.app.state
-    hit, tenant = state.keys.cached(key.strip())
+    digest = state.keys.digest(key.strip())
+    hit, tenant = state.keys.cached(digest)
     if not hit:
-        tenant = await run_in_threadpool(state.keys.tenant_for, state.sessions, key.strip())
+        tenant = await run_in_threadpool(state.keys.load, state.sessions, digest)
     if tenant is None:
         raise APIError(401, "Incorrect or revoked API key.", type="authentication_error",
                        code="invalid_api_key")

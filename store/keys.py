@@ -46,11 +46,12 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
     return row
 
 
-def tenant_for_key(session: Session, secret: bytes, clear: str) -> Tenant | None:
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret, clear)))
-    if row is None or row.revoked_at is not None:
-        return None
-    return session.get(Tenant, row.tenant_id)
+def tenant_for_digest(session: Session, digest: str):
+    """One query: (id, name) of the tenant of a key with this HMAC digest, if the key exists and
+    is not revoked; else None."""
+    return session.execute(select(Tenant.id, Tenant.name)
+                           .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+                           .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).first()
 
 
 def tenant_by_name(session: Session, name: str) -> Tenant | None:
