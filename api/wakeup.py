@@ -11,12 +11,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 
-from sqlalchemy import update
-
-from store.models import Job
-from store.queue import Sender, backstop_time_limit
+from store.queue import Sender, send_wake_ups
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,13 +52,4 @@ class WakeUps:
                 log.exception("sending wake-up messages failed")
 
     def send(self, batch: list[tuple[str, int | None]]) -> None:
-        sent = []
-        for job_id, steps in batch:
-            if not self.sender.send(job_id, backstop_time_limit(self.settings, steps)):
-                break  # broker down: the rest stay unsent, for the reaper
-            sent.append(job_id)
-        if sent:
-            with self.sessions() as s:
-                s.execute(update(Job).where(Job.id.in_(sent), Job.enqueued_at.is_(None))
-                          .values(enqueued_at=time.time()))
-                s.commit()
+        send_wake_ups(self.sender.send, self.sessions, self.settings, batch)

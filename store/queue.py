@@ -12,9 +12,12 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
 from celery import Celery
+from sqlalchemy import update
 
+from store.models import Job
 from store.settings import Settings
 
 RUN_JOB = "driftsafe.run_job"
@@ -87,6 +90,25 @@ def enqueue_job(app: Celery, job_id: str, time_limit: float | None = None) -> bo
         log.warning("could not enqueue job %s; it stays queued for the reaper", job_id,
                     exc_info=True)
         return False
+
+
+def send_wake_ups(send: Callable[[str, float], bool], sessions, settings: Settings,
+                  jobs: list[tuple[str, int | None]]) -> list[str]:
+    """Send each job's wake-up message, (job id, planned steps) in order, with `send(job_id,
+    time_limit)` until one fails (the broker is down: the rest stay unsent for the reaper's next
+    pass); then record the sends with one UPDATE. The API's wake-up thread and the reaper both
+    send this way. Returns the ids sent."""
+    sent = []
+    for job_id, steps in jobs:
+        if not send(job_id, backstop_time_limit(settings, steps)):
+            break
+        sent.append(job_id)
+    if sent:
+        with sessions() as s:
+            s.execute(update(Job).where(Job.id.in_(sent), Job.enqueued_at.is_(None))
+                      .values(enqueued_at=time.time()))
+            s.commit()
+    return sent
 
 
 class Sender:

@@ -15,12 +15,12 @@ import logging
 import threading
 import time
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, or_, select
 
-from store.db import session_scope
+from store.db import session_factory, session_scope
 from store.jobstate import JobStatus, transition
 from store.models import IdempotencyRecord, Job
-from store.queue import BrokerEpoch, backstop_time_limit, enqueue_job
+from store.queue import BrokerEpoch, enqueue_job, send_wake_ups
 from store.settings import Settings
 from worker.lifecycle import latest_checkpoint_step
 
@@ -45,46 +45,31 @@ def _end_of_stale(s, job: Job, max_lost: int) -> tuple[JobStatus, dict, str, str
             "Worker stopped responding; job re-queued to resume from its last checkpoint.", "warn")
 
 
-def requeue_stale(settings: Settings) -> list[str]:
-    """running jobs with a stale heartbeat -> queued, cancelled or failed. Returns the queued."""
+def requeue_stale(settings: Settings) -> None:
+    """running jobs with a stale heartbeat -> queued, cancelled or failed. A re-queued job has no
+    recorded wake-up message, so `unsent_jobs` picks it up at once."""
     cutoff = time.time() - settings.stale_after_seconds
-    moved = []
     with session_scope(settings) as s:
         stale = list(s.scalars(select(Job).where(Job.status == JobStatus.RUNNING,
                                                  Job.heartbeat_at < cutoff)))
         for job in stale:
             to, values, message, level = _end_of_stale(s, job, settings.max_lost_without_progress)
             # Guarded on the heartbeat we read: a worker that beat meanwhile keeps its job.
-            if transition(s, job.id, to, leaving=[JobStatus.RUNNING],
-                          where=[Job.heartbeat_at == job.heartbeat_at], values=values,
-                          message=message, level=level) and to == JobStatus.QUEUED:
-                moved.append(job.id)
-    return moved
+            transition(s, job.id, to, leaving=[JobStatus.RUNNING],
+                       where=[Job.heartbeat_at == job.heartbeat_at], values=values,
+                       message=message, level=level)
 
 
-def unsent_jobs(settings: Settings, everything: bool) -> list[str]:
-    """Queued jobs with no recorded wake-up message (all queued jobs if `everything`)."""
+def unsent_jobs(settings: Settings, everything: bool) -> list[tuple[str, int | None]]:
+    """(id, planned steps) of queued jobs with no recorded wake-up message: older than the API's
+    grace period for its own send, or re-queued by a reaper (all queued jobs if `everything`)."""
     grace = time.time() - settings.enqueue_grace_seconds
     with session_scope(settings) as s:
-        query = select(Job.id).where(Job.status == JobStatus.QUEUED)
+        query = select(Job.id, Job.total_steps).where(Job.status == JobStatus.QUEUED)
         if not everything:
             query = query.where(Job.enqueued_at.is_(None), or_(
-                Job.created_at < grace, Job.started_at.is_not(None)))
-        return list(s.scalars(query.order_by(Job.seq)))
-
-
-def send(settings: Settings, celery_app, job_ids: list[str]) -> int:
-    sent = 0
-    for job_id in job_ids:
-        with session_scope(settings) as s:
-            steps = s.scalar(select(Job.total_steps).where(Job.id == job_id))
-        if not enqueue_job(celery_app, job_id, backstop_time_limit(settings, steps)):
-            break  # the broker is down: the rest stay unsent for the next pass
-        with session_scope(settings) as s:
-            s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-                      .values(enqueued_at=time.time()))
-        sent += 1
-    return sent
+                Job.created_at < grace, Job.attempts > 0))  # attempts: claimed before
+        return [(row.id, row.total_steps) for row in s.execute(query.order_by(Job.seq))]
 
 
 def purge_idempotency(settings: Settings) -> None:
@@ -94,13 +79,13 @@ def purge_idempotency(settings: Settings) -> None:
 
 
 def reap_once(settings: Settings, celery_app, epoch: BrokerEpoch | None = None) -> None:
-    requeued = requeue_stale(settings)
+    requeue_stale(settings)
     lost_all = epoch.lost_messages() if epoch is not None else False
     if lost_all:
         log.warning("the broker lost its messages (restarted without persistence); re-sending "
                     "every queued job")
-    send(settings, celery_app, requeued + [j for j in unsent_jobs(settings, lost_all)
-                                           if j not in requeued])
+    send_wake_ups(lambda job_id, limit: enqueue_job(celery_app, job_id, limit),
+                  session_factory(settings), settings, unsent_jobs(settings, lost_all))
     purge_idempotency(settings)
 
 
