@@ -62,11 +62,12 @@ def _file_for(scoped: Scoped, file_id: str | None, param: str, *, qa_only: bool 
 def _planned_steps(spec: TrainSpec, examples: int, settings) -> int:
     """Optimizer steps the job will take, checked against the cap before anything is queued."""
     hp = resolve_auto(spec, examples).method.hyperparameters
-    steps = hp.n_epochs * math.ceil(examples / hp.batch_size)
+    batches = math.ceil(examples / hp.batch_size)
+    steps = hp.n_epochs * batches
     if steps > settings.max_job_steps:
         block = f"method.{spec.method.type}.hyperparameters"
         raise APIError(400, f"The job would take {steps} steps ({hp.n_epochs} epochs x "
-                            f"{math.ceil(examples / hp.batch_size)} batches of {hp.batch_size}); "
+                            f"{batches} batches of {hp.batch_size}); "
                             f"the cap is max_job_steps={settings.max_job_steps}. Use fewer "
                             "epochs or a larger batch.", param=f"{block}.n_epochs",
                        code="job_too_large")
@@ -150,17 +151,16 @@ def cancel_job(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant, ide
         job = transition(session, job_id, JobStatus.CANCELLED, leaving=[JobStatus.QUEUED],
                          values={"cancel_requested": True},
                          message="Job cancelled before it started.")
-        if job is None and session.execute(
+        if job is None:  # running (the worker stops at its next step), or already finished
+            flagged = session.execute(
                 update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                .values(cancel_requested=True)).rowcount == 1:
+                .values(cancel_requested=True)).rowcount == 1
             job = by_public_id(session, Job, job_id)
             session.refresh(job)
+            if not flagged:
+                raise APIError(409, f"Job '{job_id}' has already {job.status}; only queued or "
+                                    "running jobs can be cancelled.", code="job_finished")
             add_event(session, job, "Cancellation requested; the job stops at its next step.")
-        if job is None:
-            job = by_public_id(session, Job, job_id)
-            session.refresh(job)
-            raise APIError(409, f"Job '{job_id}' has already {job.status}; only queued or running "
-                                "jobs can be cancelled.", code="job_finished")
         return JSONResponse(job_object(job))
 
     return idem.run({"cancel": job_id}, produce)
