@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -38,20 +36,13 @@ ZIP_NAME = "adapter.zip"
 
 
 def _build_zip(folder: Path, report: dict, target: Path) -> None:
-    """Write the zip beside the checkpoint under a temporary name, then rename it into place, so
-    a download never sees half a zip. Entries are stored, not deflated: safetensors do not
-    compress, and a stored zip costs one copy to make."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
-            for path in sorted(folder.rglob("*")):
-                if path.is_file():
-                    zf.write(path, path.relative_to(folder).as_posix())
-            zf.writestr("driftsafe.json", json.dumps(report, indent=1, default=str))
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Entries are stored, not deflated: safetensors do not compress, and a stored zip costs one
+    copy to make."""
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(folder).as_posix())
+        zf.writestr("driftsafe.json", json.dumps(report, indent=1, default=str))
 
 
 def adapter_response(artifacts: ArtifactStore, job: Job, ckpt: Checkpoint) -> FileResponse:
@@ -71,6 +62,7 @@ def adapter_response(artifacts: ArtifactStore, job: Job, ckpt: Checkpoint) -> Fi
                   "usage": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
                            "this_folder); ask with tokenizer.apply_chat_template(messages, "
                            "add_generation_prompt=True) and greedy decoding"}
-        _build_zip(folder, report, target)
+        with artifacts.replacing(f"{ckpt.storage_path}/{ZIP_NAME}") as tmp:
+            _build_zip(folder, report, tmp)  # renamed into place whole: no half zip is served
     return FileResponse(target, media_type="application/zip",
                         filename=f"{job.id}-step{ckpt.step_number}.zip")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,29 +31,31 @@ class ArtifactStore:
     def job_dir(self, tenant_id: str, job_id: str) -> str:
         return f"{tenant_id}/jobs/{job_id}"
 
-    def write_bytes(self, relative: str, data: bytes) -> Path:
-        path = self._resolve(relative)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        return path
-
-    def write_stream(self, relative: str, source: BinaryIO, chunk_bytes: int = 1024 * 1024
-                     ) -> Path:
-        """Copy a readable binary file here in chunks (never whole in memory), then rename it
-        into place; on any failure the temporary file is removed."""
+    @contextmanager
+    def replacing(self, relative: str) -> Iterator[Path]:
+        """A temporary path to write the artifact at; it is renamed into place when the block
+        ends, or removed if the block fails, so a reader never sees half a file."""
         path = self._resolve(relative)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            with open(tmp, "wb") as out:
-                shutil.copyfileobj(source, out, chunk_bytes)
+            yield tmp
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return path
+
+    def write_bytes(self, relative: str, data: bytes) -> Path:
+        with self.replacing(relative) as tmp:
+            tmp.write_bytes(data)
+        return self._resolve(relative)
+
+    def write_stream(self, relative: str, source: BinaryIO, chunk_bytes: int = 1024 * 1024
+                     ) -> Path:
+        """Copy a readable binary file here in chunks (never whole in memory)."""
+        with self.replacing(relative) as tmp, open(tmp, "wb") as out:
+            shutil.copyfileobj(source, out, chunk_bytes)
+        return self._resolve(relative)
 
     def path(self, relative: str) -> Path:
         return self._resolve(relative)
