@@ -124,8 +124,9 @@ def resolve_model(settings: Settings, model_id: str) -> tuple[Path, Path | None]
 
 
 def with_db_retry(fn, what: str, give_up_after_s: float = DB_RETRY_S):
-    """Run a database write, riding out a restart or a blip of the database (the pool's
-    pre-ping replaces dead connections); re-raise once it has been down for `give_up_after_s`."""
+    """Run a database write, riding out a restart or a blip of the database (the pool replaces
+    a connection that fails its ping or its query); re-raise once it has been down for
+    `give_up_after_s`."""
     deadline = time.monotonic() + give_up_after_s
     delay = 0.2
     while True:
