@@ -17,6 +17,7 @@ from collections.abc import Callable
 from celery import Celery
 from sqlalchemy import update
 
+from store.jobstate import JobStatus
 from store.models import Job
 from store.settings import Settings
 
@@ -105,7 +106,7 @@ def send_wake_ups(send: Callable[[str, float], bool], sessions, settings: Settin
         sent.append(job_id)
     if sent:
         with sessions() as s:
-            s.execute(update(Job).where(Job.id.in_(sent), Job.enqueued_at.is_(None))
+            s.execute(update(Job).where(Job.id.in_(sent), Job.status == JobStatus.QUEUED)
                       .values(enqueued_at=time.time()))
             s.commit()
     return sent
