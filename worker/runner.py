@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from store.artifacts import ArtifactStore
@@ -87,7 +87,9 @@ def _resume_step(job_dir: Path) -> int:
 def _record_unrecorded(settings: Settings, job: Job, job_dir: str, artifacts: ArtifactStore,
                        step: int) -> None:
     """A worker killed between saving a checkpoint and recording it left a folder with no row:
-    the resume uses it, so it is recorded now (it is progress, and retention must see it)."""
+    the resume uses it, so it is recorded now (it is progress, and retention must see it). The
+    step this attempt starts from becomes its `claimed_step`, so the poison-pill guard measures
+    this attempt's own progress, not its predecessor's a second time."""
     if not step:
         return
     from trainer.checkpoint import checkpoint_dir
@@ -98,6 +100,9 @@ def _record_unrecorded(settings: Settings, job: Job, job_dir: str, artifacts: Ar
                                                 Checkpoint.step_number == step)) is None:
             metrics = json.loads((folder / "trainer_state.json").read_text()).get("metrics", {})
             record_checkpoint(s, job, step, f"{job_dir}/checkpoints/{folder.name}", metrics)
+        s.execute(update(Job).where(Job.id == job.id, or_(Job.claimed_step.is_(None),
+                                                          Job.claimed_step < step))
+                  .values(claimed_step=step))
 
 
 def prune_checkpoints(session, artifacts: ArtifactStore, job_id: str, keep_last: int) -> list[str]:

@@ -66,7 +66,11 @@ def test_ten_sigkills_at_random_steps_then_one_exact_success(service, builtin_wo
         worker = Worker(settings, tmp_path / f"worker{attempt}.log", name=f"w{attempt}")
         try:
             row = _wait(lambda: running(attempt), 120, f"attempt {attempt} never started")
-            start = row.claimed_step or 0
+            # The attempt's starting point is known once it has resumed: a checkpoint saved an
+            # instant before the last kill is recorded then, and becomes its claimed_step.
+            _wait(lambda: sum("resumed from checkpoint" in m for m in store.events(job_id))
+                  >= attempt - 1, 120, f"attempt {attempt} never resumed")
+            start = store.job(job_id).claimed_step or 0
             # Only kill after this attempt recorded a new checkpoint: every loss is progress.
             ckpt = _wait(lambda: (c := store.latest_checkpoint(job_id)) > start and c, 120,
                          f"attempt {attempt} saved no checkpoint")

@@ -28,6 +28,8 @@ def test_a_checkpoint_saved_but_never_recorded_is_recorded_on_resume(tmp_path):
         rows = {c.step_number: c for c in s.query(Checkpoint).filter_by(job_id=job_id)}
         assert set(rows) == {88, 96} and rows[96].drift_safe is True
         assert rows[96].storage_path.endswith("checkpoints/step-000096")
+        # The attempt starts from 96: its own progress is measured from there, not from 88.
+        assert s.query(Job).filter_by(id=job_id).one().claimed_step == 96
 
 
 def test_history_keeps_steps_before_the_resume_and_drops_those_redone(tmp_path):
