@@ -157,8 +157,10 @@ async def _freeze_startup_objects(_app: FastAPI):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # docs_url/redoc_url off: FastAPI's pages load their scripts from a CDN; api.ui serves
+    # /docs from the package instead.
     app = FastAPI(title="driftsafe", version="0.1.0", description=DESCRIPTION,
-                  lifespan=_freeze_startup_objects)
+                  lifespan=_freeze_startup_objects, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.sessions = session_factory(settings)
     app.state.readers = session_factory(settings, autocommit=True)  # GET requests
@@ -174,6 +176,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     from api.routes import webhooks
     app.include_router(webhooks.router)
+    from api import ui
+    from api.routes import report
+    app.include_router(report.router)
+    ui.install(app)  # the dashboard (/ui), its scripts, and /docs served offline
     app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes,
                        max_json_body_bytes=settings.max_json_body_bytes)
     return app

@@ -1,0 +1,59 @@
+"""A job's report: its curves as a page (GET .../report) and as an image (GET .../report.png).
+
+Both are built from the objects the JSON routes serve (job_object, event_object,
+checkpoint_object over the same rows), read through the tenant scope like every other route:
+401 without a key, 404 for another tenant's job.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+
+from api.deps import CurrentTenant, SessionDep
+from api.schemas import ObjectId, checkpoint_object, event_object, job_object
+from api.tenancy import Scoped
+from api.ui import PAGE_HEADERS, report_page
+from store.models import Checkpoint, Job, JobEvent
+
+router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
+
+HTML_OK = {200: {"description": "The report page: its charts draw from the job, its metrics "
+                                "events and its checkpoints, and refresh while the job runs "
+                                "(in a browser holding the key: the dashboard at /ui).",
+                 "content": {"text/html": {"schema": {"type": "string"}}}}}
+PNG_OK = {200: {"description": "The report as a PNG image (1200x800): scores and the "
+                               "forgetting budget over steps with the drift-safe checkpoint "
+                               "marked, losses, and the SliCK categories of the training set.",
+                "content": {"image/png": {"schema": {"type": "string",
+                                                     "contentMediaType": "image/png"}}}}}
+
+
+def report_objects(session, tenant, job_id: str) -> tuple[dict, list[dict], list[dict]]:
+    """The job, its metrics events (newest first, as /events pages them) and its checkpoints."""
+    scoped = Scoped(session, tenant)
+    job = scoped.get(Job, job_id, "fine-tuning job")
+    events = session.scalars(scoped.select(JobEvent).where(
+        JobEvent.job_id == job.id, JobEvent.type == "metrics").order_by(JobEvent.seq.desc()))
+    checkpoints = session.scalars(scoped.select(Checkpoint).where(
+        Checkpoint.job_id == job.id).order_by(Checkpoint.seq.desc()))
+    return (job_object(job), [event_object(e) for e in events],
+            [checkpoint_object(c, job) for c in checkpoints])
+
+
+@router.get("/jobs/{job_id}/report", response_class=HTMLResponse, responses=HTML_OK,
+            summary="A job's report (HTML)")
+def job_report(job_id: ObjectId, request: Request, session: SessionDep, tenant: CurrentTenant):
+    return HTMLResponse(report_page(request, *report_objects(session, tenant, job_id)),
+                        headers=PAGE_HEADERS)
+
+
+@router.get("/jobs/{job_id}/report.png", response_class=Response, responses=PNG_OK,
+            summary="A job's report (PNG)")
+def job_report_png(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant):
+    from api.charts import report_png  # matplotlib loads on the first image, not at start
+
+    objects = report_objects(session, tenant, job_id)
+    session.close()  # drawing takes a while: give the connection back first
+    return Response(report_png(*objects), media_type="image/png",
+                    headers={"Cache-Control": "no-store"})
