@@ -160,7 +160,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # docs_url/redoc_url off: FastAPI's pages load their scripts from a CDN; api.ui serves
     # /docs from the package instead.
     app = FastAPI(title="driftsafe", version="0.1.0", description=DESCRIPTION,
-                  lifespan=_freeze_startup_objects, docs_url=None, redoc_url=None)
+                  lifespan=_freeze_startup_objects, docs_url=None, redoc_url=None,
+                  telemetry=dict.fromkeys(("tracing", "metrics", "logs"),
+                                          settings.opentelemetry))
     app.state.settings = settings
     app.state.sessions = session_factory(settings)
     app.state.readers = session_factory(settings, autocommit=True)  # GET requests

@@ -87,50 +87,67 @@ class Idempotency:
         for undo in self._undo:
             undo()
 
-    def run(self, body_fingerprint: object, produce: Callable[[], JSONResponse]) -> Response:
+    def _fresh(self, found: IdempotencyRecord) -> bool:
+        return found.state == "done" and found.created_at >= time.time() - self.ttl_s
+
+    def run(self, body_fingerprint: object, produce: Callable[[], JSONResponse], *,
+            look_first: bool = False) -> Response:
+        """Produce and commit the response with its record. A key already used is found when its
+        record's INSERT meets the unique index: almost every key is new, so there is no lookup
+        first unless `look_first` (for work too costly to do just to throw away: an upload)."""
         fp = fingerprint(self.route, body_fingerprint) if self.key is not None else None
-        if self.key is not None:
+        if look_first and self.key is not None:
             found = self._find()
-            fresh = found is not None and found.created_at >= time.time() - self.ttl_s
-            if fresh and found.state == "done":
-                self.session.rollback()
+            self.session.rollback()  # no transaction held open while `produce` works
+            if found is not None and self._fresh(found):
                 return self._replay(found, fp)
-            if found is not None:  # expired, or an in-flight marker of an older release: free
+        freed = False
+        while True:  # a second pass only after freeing an expired key
+            self._after, self._undo = [], []
+            try:
+                response = produce()
+            except APIError as e:
+                self._rollback()
+                if self.key is None:
+                    raise
+                if e.status >= 500 or e.status == 429:
+                    # Not stored (a retry may succeed), but a retry of a request that did succeed
+                    # (its job now counting against a quota, say) must still get its answer.
+                    found = self._find()
+                    if found is not None and self._fresh(found):
+                        return self._replay(found, fp)
+                    raise
+                response = JSONResponse({"error": {"message": e.message, "type": e.type,
+                                                   "param": e.param, "code": e.code}},
+                                        status_code=e.status, headers=e.headers)
+            except BaseException:
+                self._rollback()
+                raise
+            try:
+                if self.key is not None:
+                    self.session.add(IdempotencyRecord(
+                        tenant_id=self.tenant_id, key=self.key, fingerprint=fp, state="done",
+                        status_code=response.status_code,
+                        response=_storable(json.loads(response.body)), created_at=time.time()))
+                self.session.commit()
+            except IntegrityError:
+                self._rollback()
+                found = self._find() if self.key is not None else None
+                if found is None:
+                    raise
+                if self._fresh(found) or freed:  # used before, or a concurrent duplicate won
+                    return self._replay(found, fp)
+                # expired (or an in-flight marker of an older release): free the key, go again
                 self.session.delete(found)
-                self.session.flush()
-        try:
-            response = produce()
-        except APIError as e:
-            self._rollback()
-            if self.key is None or e.status >= 500 or e.status == 429:
-                raise  # not stored: a retry with the same key may succeed
-            response = JSONResponse({"error": {"message": e.message, "type": e.type,
-                                               "param": e.param, "code": e.code}},
-                                    status_code=e.status, headers=e.headers)
-        except BaseException:
-            self._rollback()
-            raise
-        try:
-            if self.key is not None:
-                self.session.add(IdempotencyRecord(
-                    tenant_id=self.tenant_id, key=self.key, fingerprint=fp, state="done",
-                    status_code=response.status_code,
-                    response=_storable(json.loads(response.body)), created_at=time.time()))
-            self.session.commit()
-        except IntegrityError:
-            self._rollback()
-            if self.key is None:
+                self.session.commit()
+                freed = True
+                continue
+            except BaseException:
+                self._rollback()
                 raise
-            found = self._find()  # a concurrent duplicate committed first: answer as it did
-            if found is None:
-                raise
-            return self._replay(found, fp)
-        except BaseException:
-            self._rollback()
-            raise
-        for fn in self._after:
-            fn()
-        return response
+            for fn in self._after:
+                fn()
+            return response
 
 
 async def idempotency(request: Request, tenant: CurrentTenant, session: SessionDep,

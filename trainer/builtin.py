@@ -23,7 +23,7 @@ import torch
 from trainer.world import RELATIONS, World, WorldConfig, generate_world, write_jsonl
 
 MODEL_ID = "driftsafe-factlm-tiny"
-BUILD_VERSION = 1  # bump when the build's output changes for the same config
+BUILD_VERSION = 2  # bump when the build's output changes for the same config
 SPECIALS = ["<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -3,7 +3,9 @@
 Facts are closed-book QA pairs ("Where was Bergo Talvin born ?" -> "Ostrava"-like tokens).
 People have name-like keys built from a shared pool of first- and last-name tokens, so keys
 overlap the way real names do; the world also makes UUID-like keys from tokens never used in
-names, to reproduce the paper's interference experiment (SCIENCE.md, "Why it happens").
+names, to reproduce the paper's interference experiment (SCIENCE.md, "Why it happens"). UUID keys
+are as many tokens as names, and some known people have one, so the base model has trained every
+UUID token before fine-tuning meets them (issue 9).
 
 This module is pure Python: it decides *what* is true and who is known. `trainer.builtin`
 turns a world into a tokenizer, a base model and data files.
@@ -86,7 +88,12 @@ class WorldConfig:
     n_train_new: int = 600
     n_heldout_known: int = 1000
     uuid_vocab: int = 64
-    uuid_key_len: int = 4
+    # Two tokens, like a name: the UUID comparison must not differ from names in key length.
+    uuid_key_len: int = 2
+    # Known people with UUID keys, in the base model's pretraining only (never held out or in
+    # training), so UUID tokens are trained and shared like name tokens (issue 9: untrained rows
+    # would be free capacity that no real model has).
+    n_known_uuid_people: int = 100
 
 
 @dataclass(frozen=True)
@@ -112,7 +119,7 @@ class World:
     last_names: list[str]
     answers: dict[str, list[str]]
     uuid_tokens: list[str]
-    known: list[Fact]  # every fact the base model is trained to know
+    known: list[Fact]  # every fact the base model is trained to know, UUID keys included
     train_known: list[Fact]
     heldout_known: list[Fact]
     train_new_names: list[Fact]
@@ -194,17 +201,25 @@ def generate_world(config: WorldConfig = WorldConfig()) -> World:
         raise ValueError(f"{n_people} people need more than {len(combos)} name combinations")
     people = rng.sample(combos, n_people)
     known_people, new_people = people[: config.n_known_people], people[config.n_known_people:]
+    # UUID keys come from a stream of their own, so the name-key world does not depend on them.
+    urng = random.Random(f"{config.seed}-uuid-keys")
     uuid_people: list[str] = []
     seen_uuid: set[str] = set()
-    while len(uuid_people) < config.n_new_people:
-        key = " ".join(rng.choice(uuid_tokens) for _ in range(config.uuid_key_len))
+    # The first known UUID keys walk a shuffled token list, so every UUID token is pretrained.
+    cover = urng.sample(uuid_tokens, len(uuid_tokens))
+    while len(uuid_people) < config.n_known_uuid_people + config.n_new_people:
+        key = " ".join(cover.pop() if cover and len(uuid_people) < config.n_known_uuid_people
+                       else urng.choice(uuid_tokens) for _ in range(config.uuid_key_len))
         if key not in seen_uuid:
             seen_uuid.add(key)
             uuid_people.append(key)
+    known_uuid_people = uuid_people[: config.n_known_uuid_people]
+    new_uuid_people = uuid_people[config.n_known_uuid_people:]
 
     known = _facts_for(known_people, "name", answers, rng, "k")
     new_names = _facts_for(new_people, "name", answers, rng, "n")
-    new_uuids = _facts_for(uuid_people, "uuid", answers, rng, "u")
+    new_uuids = _facts_for(new_uuid_people, "uuid", answers, urng, "u")
+    known_uuids = _facts_for(known_uuid_people, "uuid", answers, urng, "ku")
     shuffled = known[:]
     rng.shuffle(shuffled)
     need = config.n_train_known + config.n_heldout_known
@@ -214,11 +229,13 @@ def generate_world(config: WorldConfig = WorldConfig()) -> World:
     train_known = shuffled[: config.n_train_known]
     heldout = shuffled[config.n_train_known: need]
     rng.shuffle(new_names)
-    rng.shuffle(new_uuids)
+    urng.shuffle(new_uuids)
 
     template_words = sorted({w for ts in RELATIONS.values() for t in ts for w in t.split()
                              if w != "{e}"})
-    return World(config, first, last, answers, uuid_tokens, known, train_known, heldout,
+    # Train and held-out facts are name-key facts; the known UUID-key facts are pretraining only.
+    return World(config, first, last, answers, uuid_tokens, known + known_uuids, train_known,
+                 heldout,
                  new_names[: config.n_train_new], new_uuids[: config.n_train_new], template_words)
 
 

@@ -99,8 +99,8 @@ def upload_file(file: UploadFile, session: SessionDep, tenant: CurrentTenant,
     label = _label(file.filename)
 
     def produce() -> JSONResponse:
-        # Copied before the quota query: (without an Idempotency-Key) no transaction is open
-        # while the disk works. An upload the quota refuses is deleted again.
+        # Copied before the quota query: no transaction is open while the disk works. An upload
+        # the quota refuses is deleted again.
         file_id = new_id("file-")
         storage_path = artifacts.file_path(tenant.id, file_id)
         source.seek(0)
@@ -120,7 +120,7 @@ def upload_file(file: UploadFile, session: SessionDep, tenant: CurrentTenant,
         return JSONResponse(file_object(row))
 
     return idem.run({"purpose": purpose, "filename": label, "sha256": digest.hexdigest()},
-                    produce)
+                    produce, look_first=True)
 
 
 @router.get("", response_model=ListOf, summary="List files")

@@ -27,7 +27,7 @@ from api.schemas import (
 )
 from api.tenancy import Scoped, list_body
 from store.jobstate import ACTIVE, JobStatus, add_event, transition
-from store.models import Checkpoint, Job, JobEvent, StoredFile, by_public_id
+from store.models import Checkpoint, Job, JobEvent, StoredFile, by_public_id, new_id, now
 from trainer.spec import Method, TrainSpec, resolve_auto
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
@@ -43,10 +43,7 @@ def _training_spec(body: JobCreate) -> TrainSpec:
                      seed=body.seed if body.seed is not None else int(time.time()) % 2**31)
 
 
-def _file_for(scoped: Scoped, file_id: str | None, param: str, *, qa_only: bool = False):
-    if file_id is None:
-        return None
-    row = scoped.find(StoredFile, file_id)
+def _checked_file(row: StoredFile | None, file_id: str, param: str, *, qa_only: bool = False):
     if row is None:
         raise APIError(400, f"No file with id '{file_id}' (upload it with purpose fine-tune).",
                        param=param, code="invalid_file")
@@ -57,6 +54,12 @@ def _file_for(scoped: Scoped, file_id: str | None, param: str, *, qa_only: bool 
         raise APIError(400, f"File '{file_id}' must hold QA lines only (question and answer) to "
                             "be scored as known facts.", param=param, code="invalid_file")
     return row
+
+
+def _file_for(scoped: Scoped, file_id: str | None, param: str, *, qa_only: bool = False):
+    if file_id is None:
+        return None
+    return _checked_file(scoped.find(StoredFile, file_id), file_id, param, qa_only=qa_only)
 
 
 def _planned_steps(spec: TrainSpec, examples: int, settings) -> int:
@@ -76,10 +79,18 @@ def _planned_steps(spec: TrainSpec, examples: int, settings) -> int:
 
 ACTIVE_JOBS = (select(func.count()).select_from(Job)  # built once: every creation runs it
                .where(Job.tenant_id == bindparam("tenant_id"), Job.status.in_(ACTIVE)))
+# Every creation reads its training file and the tenant's active-job count: one round trip.
+TRAINING_FILE_AND_ACTIVE_JOBS = select(StoredFile, ACTIVE_JOBS.scalar_subquery()).where(
+    StoredFile.tenant_id == bindparam("tenant_id"), StoredFile.id == bindparam("id"))
 
 
-def _check_running_quota(session, tenant, settings) -> None:
-    active = session.scalar(ACTIVE_JOBS, {"tenant_id": tenant.id})
+def _training_file_and_active_jobs(session, tenant, file_id: str) -> tuple[StoredFile | None, int]:
+    found = session.execute(TRAINING_FILE_AND_ACTIVE_JOBS,
+                            {"tenant_id": tenant.id, "id": file_id}).first()
+    return (found[0], found[1]) if found else (None, 0)
+
+
+def _check_running_quota(active: int, settings) -> None:
     if active >= settings.max_running_jobs:
         raise APIError(429, f"This organization already has {active} queued or running jobs; the "
                             f"limit is max_running_jobs={settings.max_running_jobs}. Wait for "
@@ -97,20 +108,21 @@ def create_job(body: JobCreate, request: Request, session: SessionDep, tenant: C
                            code="model_not_found")
         spec = _training_spec(body)
         scoped = Scoped(session, tenant)
-        training = _file_for(scoped, body.training_file, "training_file")
+        found, active = _training_file_and_active_jobs(session, tenant, body.training_file)
+        training = _checked_file(found, body.training_file, "training_file")
         _file_for(scoped, body.validation_file, "validation_file")
         _file_for(scoped, body.evaluation.known_facts_file, "evaluation.known_facts_file",
                   qa_only=True)
         steps = _planned_steps(spec, training.lines, settings)
-        _check_running_quota(session, tenant, settings)
-        job = Job(tenant_id=tenant.id, model=body.model, training_file=body.training_file,
-                  validation_file=body.validation_file,
+        _check_running_quota(active, settings)
+        # Every column the response shows is set here, so the rows are written once, at commit.
+        job = Job(id=new_id("ftjob-"), created_at=now(), tenant_id=tenant.id, model=body.model,
+                  training_file=body.training_file, validation_file=body.validation_file,
                   known_facts_file=body.evaluation.known_facts_file,
                   spec=spec.model_dump(mode="json"), suffix=body.suffix,
                   job_metadata=body.metadata, status=JobStatus.QUEUED, total_steps=steps,
-                  enqueued_at=None)
+                  enqueued_at=None, cancel_requested=False, result_files=[])
         session.add(job)
-        session.flush()
         add_event(session, job, f"Created fine-tuning job: {job.id}")
         # The row is committed first: the message only wakes a worker, which reads the row.
         idem.after_commit(lambda: request.app.state.wakeups.submit(job.id, steps))

@@ -34,3 +34,19 @@ def test_questions_use_several_templates_per_relation():
     f = w.known[0]
     assert len({f.question(i) for i in range(3)}) == 3
     assert all(f.entity in f.question(i) for i in range(3))
+
+
+def test_uuid_keys_are_as_long_as_names_and_their_tokens_are_pretrained():
+    """Issue 9: UUID tokens the base never trained are free capacity no real model has, and
+    4-token keys against 2-token names confound the key kind with the key length."""
+    w = generate_world(WorldConfig(seed=5))
+    name_lengths = {len(f.entity.split()) for f in w.train_new_names}
+    assert {len(f.entity.split()) for f in w.train_new_uuids} == name_lengths == {2}
+    pretrained_uuid = [f for f in w.known if f.key_kind == "uuid"]
+    assert len(pretrained_uuid) == 3 * w.config.n_known_uuid_people
+    pretrained_tokens = {t for f in pretrained_uuid for t in f.entity.split()}
+    new_tokens = {t for f in w.train_new_uuids for t in f.entity.split()}
+    assert new_tokens <= pretrained_tokens
+    # ... but no new UUID person is known already, and nothing UUID-keyed is held out or trained
+    assert not {f.entity for f in pretrained_uuid} & {f.entity for f in w.train_new_uuids}
+    assert all(f.key_kind == "name" for f in w.heldout_known + w.train_known)
