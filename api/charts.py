@@ -115,9 +115,9 @@ def report_png(job: dict, events: list[dict], checkpoints: list[dict]) -> bytes:
                       label=f"forgetting budget ({series['budget']:.0%})")
     safe = next((p for p in scores if p["step"] == series["drift_safe_step"]), None)
     if safe is not None:
-        facts.axvline(safe["step"], color="#2ca02c", ls=":", lw=1)
+        facts.axvline(safe["step"], color="#e6a700", ls=":", lw=1)
         facts.plot([safe["step"]], [safe["forgetting"] or 0], marker="*", ms=16, ls="",
-                   color="#2ca02c", label=f"drift-safe checkpoint (step {safe['step']})")
+                   color="#e6a700", label=f"drift-safe checkpoint (step {safe['step']})")
     facts.set_title("Facts over training steps")
     facts.set_xlabel("step")
     last = max([progress.get("total_steps") or 0, *(p["step"] for p in scores), 1])

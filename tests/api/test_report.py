@@ -13,7 +13,6 @@ import pytest
 from PIL import Image, ImageChops
 
 from api.charts import report_series
-from tests.api.conftest import h
 from tests.live import ROOT
 from tests.reportdata import BUDGET, CATEGORIES, add_job, advance, new_tenant
 

@@ -17,7 +17,7 @@
   const COLORS = {
     new_fact_accuracy: "#1f77b4", heldout_known_accuracy: "#2ca02c", forgetting: "#d62728",
     hallucination_rate: "#9467bd", train_loss: "#1f77b4", distill_loss: "#ff7f0e",
-    budget: "#7f7f7f", safe: "#2ca02c",
+    budget: "#7f7f7f", safe: "#e6a700",
   };
   const REFRESH_MS = 2000;
 
@@ -106,8 +106,8 @@
     const safe = series.scores.find((p) => p.step === series.drift_safe_step);
     if (safe) {
       datasets.push({
-        type: "scatter", label: "drift-safe checkpoint (step " + safe.step + ")",
-        pointStyle: "star", pointRadius: 12, borderWidth: 2, borderColor: COLORS.safe,
+        type: "scatter", label: "drift-safe checkpoint (step " + safe.step + ")", order: -1,
+        pointStyle: "rectRot", pointRadius: 9, borderWidth: 2, borderColor: "#ffffff",
         backgroundColor: COLORS.safe, data: [{ x: safe.step, y: safe.forgetting || 0 }],
       });
     }
