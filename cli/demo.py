@@ -107,6 +107,7 @@ def main(args) -> int:
             r.raise_for_status()
             ids[name] = r.json()["id"]
         jobs = {n: http.get(f"/fine_tuning/jobs/{i}").json() for n, i in ids.items()}
+        print(f"    watch them in the dashboard: {url}/ui (API key {key})", flush=True)
         _draw(jobs, first=True)
         while any(j["status"] in ("queued", "running", "validating_files") for j in jobs.values()):
             time.sleep(1)
@@ -131,6 +132,10 @@ def main(args) -> int:
             r.raise_for_status()
             (out / f"{name}-adapter.zip").write_bytes(r.content)
             print(f"saved {out / (name + '-adapter.zip')}")
+        from cli.compare import save_comparison
+        chart = save_comparison(http, list(ids.values()), out / "compare.png")
+        print(f"saved {chart} (new-fact accuracy against forgetting, every job); the dashboard "
+              f"compares them too: {url}/ui, while the service runs (driftsafe up)")
     print(f"done in {time.monotonic() - started:.0f}s")
     failed = [n for n, j in jobs.items() if j["status"] != "succeeded"]
     return 1 if failed else 0

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image, ImageChops
 
 from api.charts import report_series
@@ -146,3 +147,15 @@ def _embedded(page: str) -> dict:
     match = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page,
                       re.S)
     return json.loads(match.group(1))
+
+
+def test_the_comparison_png_that_the_demo_writes(client, tenants, tmp_path):
+    from cli.compare import save_comparison
+
+    alice, _, jobs = tenants
+    with TestClient(client.app, base_url="http://testserver/v1", headers=alice) as http:
+        path = save_comparison(http, [jobs["sft"], jobs["sd"], jobs["running"]],
+                               tmp_path / "compare.png")
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size[0] >= 400 and image.size[1] >= 300
+    assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
