@@ -218,7 +218,7 @@
         data = { job, events: events.filter((e) => e.type === "metrics"), checkpoints };
         update(data);
       } catch (error) {
-        root.dataset.refreshError = error.message;  // shown by the next successful read
+        root.dataset.refreshError = error.message;  // the charts keep the last good read
       }
       window.setTimeout(follow, REFRESH_MS);
     };
