@@ -1,7 +1,9 @@
 """What trains: LoRA through peft or the full model, narrowed to parameter groups on request.
 
-Groups are recognised by module names, which covers Llama-, Mistral-, Qwen- and GPT-2-style
-models: a norm is a norm whatever block it sits in, so norms are matched before attention.
+Groups are recognised by module names, which covers Llama-, Mistral-, Qwen-, Gemma-, Phi-3-
+(fused qkv_proj / gate_up_proj) and GPT-2-style (Conv1D) models: a norm is a norm whatever block it
+sits in, so norms are matched before attention. tests/trainer/test_zoo.py shows what each group
+selects in each family.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import re
 
 import torch
 
+from trainer.modelfacts import check_tied_selection, embeddings_are_tied
 from trainer.spec import AdapterSpec, FrozenGroupsHyperparameters, TrainSpec
 
 _LAYER = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
@@ -52,6 +55,8 @@ def prepare_full(model, spec: TrainSpec):
     """Full fine-tuning; with frozen_groups, everything outside the groups keeps
     requires_grad off."""
     fg = frozen_groups_of(spec)
+    if fg is not None:
+        check_tied_selection(embeddings_are_tied(model), fg.groups(), "full")
     for name, p in model.named_parameters():
         p.requires_grad_(fg is None or is_selected(name, fg.groups(), fg.layer_range()))
     if not any(p.requires_grad for p in model.parameters()):
@@ -67,7 +72,9 @@ def lora_config(model, adapter: AdapterSpec, spec: TrainSpec):
     modules_to_save = None
     if fg is not None:
         groups, layers = fg.groups(), fg.layer_range()
-        lora_types = (torch.nn.Linear, torch.nn.Embedding)
+        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+        lora_types = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
         names = [n for n, m in model.named_modules()
                  if isinstance(m, lora_types) and is_selected(n, groups - {"norms"}, layers)]
         if isinstance(adapter.target_modules, list):
@@ -76,8 +83,12 @@ def lora_config(model, adapter: AdapterSpec, spec: TrainSpec):
                  and group_of(n) == "norms" and is_selected(n, groups, layers)]
         if not names and not norms:
             raise ValueError("frozen_groups selects no module of this model")
+        if not names:  # PEFT refuses an adapter whose every module is saved whole
+            raise ValueError("frozen_groups selects only norms, which have no LoRA form: use "
+                             "adapter type 'full' to train norms alone, or add a group with "
+                             "linear layers (attention, mlp)")
         # Norms have no LoRA form: they train whole, saved beside the adapter.
-        targets = "^(" + "|".join(re.escape(n) for n in names) + ")$" if names else "^$"
+        targets = "^(" + "|".join(re.escape(n) for n in names) + ")$"
         modules_to_save = norms or None
     return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                       target_modules=targets, modules_to_save=modules_to_save,

@@ -31,22 +31,25 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:06d}"
 
 
-def save_weights(model, path: Path) -> None:
-    """PEFT saves only the adapter (the active one); a plain model saves itself whole."""
+def save_weights(model, path: Path, extra_files: dict[str, str] | None = None) -> None:
+    """PEFT saves only the adapter (the active one); a plain model saves itself whole.
+    `extra_files` (name -> text) go beside the weights, e.g. how to prompt the tuned model."""
     if hasattr(model, "peft_config"):
         model.save_pretrained(path, selected_adapters=["default"])
     else:
         model.save_pretrained(path)
+    for name, text in (extra_files or {}).items():
+        (Path(path) / name).write_text(text)
 
 
 def save_checkpoint(root: Path, *, step: int, epoch: float, model, optimizer, scheduler,
-                    metrics: dict, extra_state: dict, extra_tensors: dict | None = None
-                    ) -> CheckpointInfo:
+                    metrics: dict, extra_state: dict, extra_tensors: dict | None = None,
+                    extra_files: dict[str, str] | None = None) -> CheckpointInfo:
     final = checkpoint_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(model, tmp / "adapter")
+    save_weights(model, tmp / "adapter", extra_files)
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(), **(extra_tensors or {})}
     if torch.cuda.is_available():

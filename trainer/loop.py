@@ -267,9 +267,17 @@ class _Run:
                                scheduler=self.scheduler, metrics=metrics,
                                extra_state={"trained_tokens": trained_tokens,
                                             "knowledge_categories": self.categories},
-                               extra_tensors=extra)
+                               extra_tensors=extra, extra_files=self._adapter_files())
         self.cb.on_checkpoint(info)
         return info
+
+    def _adapter_files(self) -> dict[str, str]:
+        """prompt_format.json: the template the model was trained with and how to ask it (the
+        adapter download's driftsafe.json repeats it)."""
+        import json
+
+        from trainer.templates import prompt_format
+        return {"prompt_format.json": json.dumps(prompt_format(self.tokenizer), indent=1)}
 
     @property
     def _warm_teacher(self) -> bool:
@@ -352,7 +360,7 @@ class _Run:
             else:
                 checkpoints.append(self._checkpoint(step, report or {}, tokens))
                 final_dir = Path(self.job.output_dir) / "final"
-                save_weights(self.model, final_dir / "adapter")
+                save_weights(self.model, final_dir / "adapter", self._adapter_files())
         if report and self.categories is not None:
             report["knowledge_categories"] = self.categories
         self.cb.on_event("info", f"training {status} at step {step}/{self.total_steps}")

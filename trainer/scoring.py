@@ -39,31 +39,29 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
 def greedy_answers(model, tokenizer, facts, *, batch_size: int = 256,
-                   max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers for many prompts: left-padded batches, longest first, one `generate` each."""
+                   max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers for many prompts: left-padded batches, longest first, one `generate` each.
+
+    Decoding settings are explicit (`trainer.generation`); `max_new_tokens` defaults to the
+    longest accepted answer of the batch plus a margin.
+    """
+    from trainer.generation import answer_budget, generate_greedy
+
     examples = _as_examples(facts)
     prompts = [encode_prompt(tokenizer, ex.prompt_messages) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     device = model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            p = prompts[i]
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        for row, i in enumerate(idx):
-            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+        budget = max_new_tokens or answer_budget(
+            tokenizer, {a for i in idx for a in examples[i].answers})
+        got = generate_greedy(model, tokenizer, [prompts[i] for i in idx], budget, device)
+        for i, answer in zip(idx, got):
+            answers[i] = answer
     model.train(was_training)
     return answers
 

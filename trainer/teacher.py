@@ -11,6 +11,19 @@ import torch
 from trainer.losses import logits_at
 
 
+@contextmanager
+def _dropout_off(model):
+    """The teacher is a fixed distribution: no dropout, even when it shares the student's modules
+    (which train with dropout, e.g. GPT-2's 0.1). Mode is restored module by module."""
+    training = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in training:
+            m.training = mode
+
+
 class AdapterOffTeacher:
     """teacher=base under LoRA: the same weights with the adapter switched off; no extra memory.
 
@@ -39,7 +52,7 @@ class AdapterOffTeacher:
 
     @torch.no_grad()
     def logits_at(self, input_ids, attention_mask, where):
-        with self._adapters_off():
+        with self._adapters_off(), _dropout_off(self.model):
             return logits_at(self.model, input_ids, attention_mask, where)
 
 
@@ -54,7 +67,8 @@ class NamedAdapterTeacher:
         # set_adapter also flips requires_grad to the active adapter; switching back restores it.
         self.model.set_adapter(self.name)
         try:
-            return logits_at(self.model, input_ids, attention_mask, where)
+            with _dropout_off(self.model):
+                return logits_at(self.model, input_ids, attention_mask, where)
         finally:
             self.model.set_adapter("default")
 
@@ -68,4 +82,5 @@ class FrozenCopyTeacher:
 
     @torch.no_grad()
     def logits_at(self, input_ids, attention_mask, where):
-        return logits_at(self.model, input_ids, attention_mask, where)
+        with _dropout_off(self.model):  # a caller may have put the copy back in train mode
+            return logits_at(self.model, input_ids, attention_mask, where)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.data import Example
+from trainer.templates import render
 
 IGNORE = -100
 
@@ -15,11 +16,6 @@ IGNORE = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss applies
-
-
-def render(tokenizer, messages, *, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
@@ -31,26 +27,56 @@ def encode_prompt(tokenizer, messages) -> list[int]:
     return token_ids(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
 
 
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def encode_example(tokenizer, example: Example, max_len: int) -> Encoded:
     """Token ids of the whole conversation; labels on the assistant turns whose weight is 1.
 
     Each learned turn spans from the end of "conversation so far + generation prompt" to the end of
     "conversation including this turn", so whatever the template appends after an answer (an
     end-of-turn token) is learned too: that is what makes greedy decoding stop.
+
+    Checked token by token: a learned turn's context is exactly the ids a user's prompt encodes to
+    (`encode_prompt`), and the answer's ids follow them. Where a BPE merge crosses the boundary
+    (the whole text tokenizes differently from prompt + answer), the answer is tokenized on its
+    own, so the model learns the tokens it has to generate after that prompt.
     """
     msgs = list(example.messages)
-    ids = token_ids(tokenizer, render(tokenizer, msgs, add_generation_prompt=False))
-    labels = [IGNORE] * len(ids)
+    text = render(tokenizer, msgs, add_generation_prompt=False)
+    ids: list[int] = []
+    labels: list[int] = []
+    done = 0  # characters of `text` already encoded
     for i, (_, w) in enumerate(zip(msgs, example.weights)):
         if not w:
             continue
-        start = len(encode_prompt(tokenizer, msgs[:i]))
-        through = token_ids(tokenizer,
-                            render(tokenizer, msgs[: i + 1], add_generation_prompt=False))
-        if ids[: len(through)] != through:
+        prompt = render(tokenizer, msgs[:i], add_generation_prompt=True)
+        through = render(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+        # Some templates close only the last turn with more (Phi-3 appends eos): a turn ends
+        # where the conversation so far and the whole conversation part.
+        through = through[: _common_prefix(text, through)]
+        if not (through.startswith(prompt) and len(through) > len(prompt) > done - 1):
             raise ValueError(f"line {example.line}: the chat template does not render turns "
                              "as a prefix of the whole conversation")
-        labels[start: len(through)] = ids[start: len(through)]
+        context = (token_ids(tokenizer, prompt) if done == 0
+                   else ids + token_ids(tokenizer, text[done: len(prompt)]))
+        whole = token_ids(tokenizer, through) if done == 0 else None
+        if whole is not None and whole[: len(context)] == context:
+            answer = whole[len(context):]
+        else:
+            answer = token_ids(tokenizer, through[len(prompt):])
+            if tokenizer.decode(context + answer) != tokenizer.decode(
+                    token_ids(tokenizer, through)):
+                raise ValueError(f"line {example.line}: the tokenizer does not encode the answer "
+                                 "the same way after its prompt as alone; check the chat template")
+        labels += [IGNORE] * (len(context) - len(ids)) + answer
+        ids = context + answer
+        done = len(through)
+    if done < len(text):
+        tail = token_ids(tokenizer, text[done:])
+        ids, labels = ids + tail, labels + [IGNORE] * len(tail)
     if len(ids) > max_len:
         # Keep the end, where the answers are; a conversation that loses every answer is an error.
         ids, labels = ids[-max_len:], labels[-max_len:]
