@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import torch
 
 from trainer.data import Example
-from trainer.scoring import answer_logprobs, greedy_answers, is_correct, mean_kl, normalize
+from trainer.scoring import (
+    answer_logprobs,
+    answer_margin,
+    greedy_answers,
+    is_correct,
+    mean_kl,
+    normalize,
+)
+from trainer.vocab_chunks import TopLogprobs
 from trainer.world import entity_of
 
 
@@ -20,12 +28,13 @@ from trainer.world import entity_of
 class Baseline:
     train_known: torch.Tensor  # bool per training example: the base answered it right
     heldout_correct: torch.Tensor  # bool per held-out known fact
-    heldout_logprobs: torch.Tensor  # [positions, V] base log-probs at held-out answer tokens
+    heldout_logprobs: TopLogprobs  # base log-probs at held-out answer tokens (top-k + rest)
 
 
-def _correct(model, tokenizer, facts: list[Example]) -> tuple[torch.Tensor, list[str]]:
-    answers = greedy_answers(model, tokenizer, facts)
-    return torch.tensor([is_correct(a, f.answers) for a, f in zip(answers, facts)],
+def _correct(model, tokenizer, facts: list[Example], match: str = "exact"
+             ) -> tuple[torch.Tensor, list[str]]:
+    answers = greedy_answers(model, tokenizer, facts, margin=answer_margin(match))
+    return torch.tensor([is_correct(a, f.answers, match) for a, f in zip(answers, facts)],
                         dtype=torch.bool), answers
 
 
@@ -75,17 +84,22 @@ def strata_report(seen: torch.Tensor | None, base_correct: torch.Tensor,
 
 class KnowledgeProbe:
     def __init__(self, tokenizer, train_examples: list[Example], known_facts: list[Example],
-                 max_forgetting: float):
+                 max_forgetting: float, match: str = "exact"):
         self.tokenizer = tokenizer
         self.train = train_examples
-        self.known = known_facts
+        # A held-out question that is also trained on measures learning, not forgetting.
+        asked = {normalize(m["content"]) for e in train_examples for m in e.messages
+                 if m["role"] == "user"}
+        self.known = [f for f in known_facts if normalize(f.messages[0]["content"]) not in asked]
+        self.dropped_in_training = len(known_facts) - len(self.known)
+        self.match = match
         self.max_forgetting = max_forgetting
         self.base: Baseline | None = None
-        self.seen = seen_entity_mask(train_examples, known_facts)  # None: strata unknown
+        self.seen = seen_entity_mask(train_examples, self.known)  # None: strata unknown
 
     def baseline(self, model) -> Baseline:
-        train_known, _ = _correct(model, self.tokenizer, self.train)
-        heldout, _ = _correct(model, self.tokenizer, self.known)
+        train_known, _ = _correct(model, self.tokenizer, self.train, self.match)
+        heldout, _ = _correct(model, self.tokenizer, self.known, self.match)
         logprobs = answer_logprobs(model, self.tokenizer, self.known)
         self.base = Baseline(train_known, heldout, logprobs)
         return self.base
@@ -93,8 +107,8 @@ class KnowledgeProbe:
     def measure(self, model) -> dict:
         """Every metric of the report, as fractions in [0, 1] (None where a set is empty)."""
         assert self.base is not None, "baseline() first"
-        train_ok, _ = _correct(model, self.tokenizer, self.train)
-        heldout_ok, answers = _correct(model, self.tokenizer, self.known)
+        train_ok, _ = _correct(model, self.tokenizer, self.train, self.match)
+        heldout_ok, answers = _correct(model, self.tokenizer, self.known, self.match)
         base_acc = _mean(self.base.heldout_correct) or 0.0
         tuned_acc = _mean(heldout_ok) or 0.0
         was_right = self.base.heldout_correct
@@ -102,12 +116,18 @@ class KnowledgeProbe:
         now_wrong = ~heldout_ok & torch.tensor([bool(normalize(a)) for a in answers])
         hallucination = float((was_right & now_wrong).sum()) / max(1, int(was_right.sum()))
         drift = mean_kl(self.base.heldout_logprobs,
-                        answer_logprobs(model, self.tokenizer, self.known))
-        forgetting = base_acc - tuned_acc
+                        answer_logprobs(model, self.tokenizer, self.known,
+                                        like=self.base.heldout_logprobs))
+        # Forgetting counts only facts the base answered right (the held-out facts "used"):
+        # a fact the base never knew cannot be forgotten, nor its lucky guess count as kept.
+        used = int(was_right.sum())
+        forgetting = float((was_right & ~heldout_ok).sum()) / used if used else 0.0
         return {
             "base_heldout_known_accuracy": base_acc,
             "heldout_known_accuracy": tuned_acc,
             "forgetting": forgetting,
+            "heldout_known_facts_used": used,
+            "heldout_known_facts_dropped_in_training": self.dropped_in_training,
             "hallucination_rate": hallucination,
             "new_fact_accuracy": _mean(train_ok[~self.base.train_known]),
             "task_accuracy": _mean(train_ok[self.base.train_known]),

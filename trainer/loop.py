@@ -17,20 +17,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from trainer import teacher as teachers
 from trainer.checkpoint import CheckpointInfo, latest_checkpoint, load_state, save_checkpoint
 from trainer.data import Example
 from trainer.evaluate import KnowledgeProbe
 from trainer.losses import answer_cross_entropy, distillation_kl, logits_at, loss_positions
+from trainer.modelfacts import auto_size
+from trainer.precision import Precision, micro_batches
 from trainer.slick import SlickSettings, category_counts, classify
 from trainer.spec import SelfDistillationHyperparameters, TrainSpec, resolve_auto
-from trainer.tokenize import Encoded, collate, encode_example
+from trainer.tokenize import IGNORE, Encoded, collate, encode_example
+from trainer.vocab_chunks import ce_sum
 
 
 def _quiet(*_args, **_kw) -> None:
@@ -80,12 +82,13 @@ class TrainResult:
 
 
 def pick_device(requested: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """(device, weight dtype): weights are float32 everywhere; CUDA computes under autocast
+    (`trainer.precision`)."""
     if requested:
         device = torch.device(requested)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return device, torch.bfloat16 if bf16 else torch.float32
+    return device, torch.float32
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
@@ -110,9 +113,10 @@ class _Run:
     def __init__(self, job: TrainJob, callbacks: Callbacks):
         self.job, self.cb = job, callbacks
         self.device, self.dtype = pick_device(job.device)
+        self.precision = Precision.for_device(self.device)
         torch.manual_seed(job.spec.seed)
         self.tokenizer, base = load_base(job.model_dir, self.device, self.dtype)
-        self.spec = resolve_auto(job.spec, len(job.train_examples))
+        self.spec = resolve_auto(job.spec, len(job.train_examples), auto_size(job.model_dir))
         self.hp = self.spec.method.hyperparameters
         self.encoded = [encode_example(self.tokenizer, ex, self.hp.max_seq_len)
                         for ex in job.train_examples]
@@ -153,15 +157,19 @@ class _Run:
         job = self.job
         if job.known_facts:
             self.probe = KnowledgeProbe(self.tokenizer, job.train_examples, job.known_facts,
-                                        self.spec.evaluation.max_forgetting)
-            self.probe.baseline(base)
+                                        self.spec.evaluation.max_forgetting,
+                                        match=self.spec.evaluation.match)
+            with self.precision.autocast():
+                self.probe.baseline(base)
             self.cb.on_event("info", f"base model answers {self.probe.base.train_known.sum()} of "
                                      f"{len(job.train_examples)} training questions and "
                                      f"{self.probe.base.heldout_correct.float().mean():.1%} "
                                      "of held-out known facts")
         if job.slick is not None:
-            self.categories = category_counts(classify(base, self.tokenizer, job.train_examples,
-                                                       settings=job.slick))
+            settings = replace(job.slick, match=self.spec.evaluation.match)
+            with self.precision.autocast():
+                self.categories = category_counts(classify(base, self.tokenizer,
+                                                           job.train_examples, settings=settings))
             self.cb.on_event("info", f"SliCK categories of the training set: {self.categories}")
 
     def _known_train_indices(self) -> list[int]:
@@ -193,6 +201,12 @@ class _Run:
             warm.model.eval()
             teacher = warm
         model = prepare_lora(base, self.spec) if lora else prepare_full(base, self.spec)
+        if self.hp.gradient_checkpointing:
+            # Non-reentrant: gradients reach LoRA weights without the inputs requiring grad.
+            if hasattr(base, "activation_checkpointing_enable"):  # its name from transformers 5
+                base.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable({"use_reentrant": False})
         if sd is not None and teacher is None:
             teacher = (teachers.AdapterOffTeacher(model) if lora
                        else teachers.FrozenCopyTeacher(base))
@@ -229,7 +243,7 @@ class _Run:
             t_logits = self.teacher.logits_at(ids, mask, where)
         logits = logits_at(self.model, ids, mask, where)
         ce_rows = answer[where]
-        ce = F.cross_entropy(logits[ce_rows].float(), labels[:, 1:][answer])
+        ce = ce_sum(logits[ce_rows], labels[:, 1:][answer]) / max(1, int(answer.sum()))
         if self.teacher is None:
             return ce, {"train_loss": float(ce.detach())}
         hp: SelfDistillationHyperparameters = self.hp  # type: ignore[assignment]
@@ -237,6 +251,32 @@ class _Run:
         loss = ce + hp.distill_weight * kl
         return loss, {"train_loss": float(loss.detach()), "ce_loss": float(ce.detach()),
                       "distill_loss": float(kl.detach())}
+
+    def _gradients(self, rows: list[int], step: int) -> tuple[dict, int]:
+        """Forward and backward of one optimizer step's examples, in micro-batches of at most
+        `micro_batch_tokens` padded tokens. Each micro-batch's loss weighs by its share of the
+        batch's answer tokens, so the summed gradient is the whole batch's: exactly for the CE
+        and for a KL at answer positions (with distill_positions=all, each micro-batch's KL mean
+        weighs by its answer tokens rather than its KL positions). Returns the step's loss parts
+        and its tokens."""
+        groups = micro_batches([len(self.encoded[i].input_ids) for i in rows],
+                               self.hp.micro_batch_tokens)
+        answers = [sum(1 for t in self.encoded[rows[j]].labels[1:] if t != IGNORE)
+                   for j in range(len(rows))]
+        total = max(1, sum(answers))
+        parts: dict = {}
+        tokens = 0
+        for group in groups:
+            micro = [rows[j] for j in group]
+            share = 1.0 if len(groups) == 1 else sum(answers[j] for j in group) / total
+            batch = self._batch(micro)
+            with self.precision.autocast():
+                loss, micro_parts = self._loss(batch)
+            self.precision.backward(loss * share if share != 1.0 else loss)
+            for key, value in micro_parts.items():
+                parts[key] = parts.get(key, 0.0) + share * value
+            tokens += int(batch["attention_mask"].sum())
+        return parts, tokens
 
     def _batch_indices(self, step: int) -> list[int]:
         epoch, offset = divmod(step, self.steps_per_epoch)
@@ -251,7 +291,11 @@ class _Run:
         return step % (every * self.steps_per_epoch) == 0
 
     def _measure(self) -> dict:
-        return self.probe.measure(self.model) if self.probe is not None else {}
+        if self.probe is None:
+            return {}
+        with self.precision.autocast():
+            return self.probe.measure(self.model)
+
 
     def _checkpoint(self, step: int, metrics: dict, trained_tokens: int) -> CheckpointInfo:
         # A format-warmup teacher was trained in this run: keep it, so a resume needs no re-run.
@@ -322,16 +366,13 @@ class _Run:
         while step < self.total_steps:
             if self.cb.should_stop():
                 return self._finish("cancelled", step, tokens, checkpoints, losses, cancelled=True)
-            batch = self._batch(self._batch_indices(step))
-            loss, parts = self._loss(batch)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], 1.0)
-            self.optimizer.step()
+            parts, step_tokens = self._gradients(self._batch_indices(step), step)
+            self.precision.step(self.optimizer,
+                                [p for p in self.model.parameters() if p.requires_grad], 1.0)
             self.scheduler.step()
             step += 1
-            tokens += int(batch["attention_mask"].sum())
+            tokens += step_tokens
             losses.append(parts["train_loss"])
             elapsed = time.monotonic() - started
             remaining = elapsed / (step - first_step) * (self.total_steps - step)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.tokenize import IGNORE
+from trainer.vocab_chunks import kl_sum
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -44,17 +45,15 @@ def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
+                    temperature: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau)), averaged over positions.
 
     Forward KL, teacher first (Hinton 2015; Li & Hoiem 2017). Both are [N, V] logits at the same
-    N positions. Computed in float32 for stability under bf16.
+    N positions; `weights` [N], if given, multiplies each position's KL before the mean. Computed
+    in float32 for stability under bf16, a few positions at a time (`trainer.vocab_chunks`), so
+    no float32 [N, V] copy of the batch is made.
     """
-    s = student_logits.float() / temperature
-    t = teacher_logits.float() / temperature
-    if s.numel() == 0:
+    if student_logits.numel() == 0:
         return student_logits.sum() * 0.0
-    log_p_s = F.log_softmax(s, dim=-1)
-    log_p_t = F.log_softmax(t, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    return kl.mean() * temperature**2
+    total = kl_sum(student_logits, teacher_logits, temperature, weights=weights)
+    return total / student_logits.size(0) * temperature**2

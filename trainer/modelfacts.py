@@ -65,3 +65,34 @@ def modules_by_group(model) -> dict[str, list[str]]:
         if name and not list(module.children()) and any(True for _ in module.parameters()):
             out.setdefault(group_of(name) or "other", []).append(name)
     return out
+
+
+def is_builtin_model(model_dir: str | Path) -> bool:
+    """A model built by `trainer.builtin` (it sits in a world folder beside world.json)."""
+    return (Path(model_dir).parent / "world.json").is_file()
+
+
+def estimated_parameters(model_dir: str | Path) -> int | None:
+    """Parameters of a decoder-only model, estimated from config.json without loading it (enough
+    to pick a size class for "auto" hyperparameters); None when the file does not say."""
+    try:
+        c = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    c = c.get("text_config", c) if isinstance(c.get("text_config"), dict) else c
+    hidden = c.get("hidden_size") or c.get("n_embd")
+    layers = c.get("num_hidden_layers") or c.get("n_layer")
+    vocab = c.get("vocab_size")
+    if not (hidden and layers and vocab):
+        return None
+    inter = c.get("intermediate_size") or c.get("n_inner") or 4 * hidden
+    embeddings = vocab * hidden * (1 if c.get("tie_word_embeddings", True) else 2)
+    return int(embeddings + layers * (4 * hidden * hidden + 3 * hidden * inter))
+
+
+def auto_size(model_dir: str | Path) -> int | None:
+    """What `resolve_auto` takes as `model_params`: None for a built-in model (its own tuned
+    defaults), else the estimated size (0 when unknown: the smallest size class)."""
+    if is_builtin_model(model_dir):
+        return None
+    return estimated_parameters(model_dir) or 0

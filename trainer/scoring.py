@@ -2,7 +2,9 @@
 
 A fact is an `Example`: the prompt is everything before its last assistant turn, rendered with the
 tokenizer's chat template and a generation prompt, exactly as a user of a downloaded adapter would
-ask it. Answers are compared after SQuAD-style normalisation against every accepted answer.
+ask it. Answers are compared after SQuAD-style normalisation against every accepted answer: the
+whole answer (`exact`, the default), or its first line starting with (`prefix`) or containing
+(`contains`) one, for chat models that answer in sentences.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from trainer.data import Example, parse_line
 from trainer.tokenize import IGNORE, encode_example, encode_prompt
+from trainer.vocab_chunks import TopLogprobs, mean_kl_top, top_logprobs
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -40,7 +43,7 @@ def model_device(model) -> torch.device:
 
 
 def greedy_answers(model, tokenizer, facts, *, batch_size: int = 256,
-                   max_new_tokens: int | None = None) -> list[str]:
+                   max_new_tokens: int | None = None, margin: int | None = None) -> list[str]:
     """Greedy answers for many prompts: left-padded batches, longest first, one `generate` each.
 
     Decoding settings are explicit (`trainer.generation`); `max_new_tokens` defaults to the
@@ -58,7 +61,8 @@ def greedy_answers(model, tokenizer, facts, *, batch_size: int = 256,
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
         budget = max_new_tokens or answer_budget(
-            tokenizer, {a for i in idx for a in examples[i].answers})
+            tokenizer, {a for i in idx for a in examples[i].answers},
+            **({"margin": margin} if margin is not None else {}))
         got = generate_greedy(model, tokenizer, [prompts[i] for i in idx], budget, device)
         for i, answer in zip(idx, got):
             answers[i] = answer
@@ -66,42 +70,80 @@ def greedy_answers(model, tokenizer, facts, *, batch_size: int = 256,
     return answers
 
 
-def is_correct(answer: str, accepted: Sequence[str]) -> bool:
-    got = normalize(answer)
-    return any(got == normalize(a) for a in accepted)
+MATCHES = ("exact", "prefix", "contains")
+# Chat models answer in sentences: under prefix/contains, leave room for a few more words.
+SENTENCE_MARGIN_TOKENS = 32
 
 
-def accuracy(model, tokenizer, facts, **kw) -> torch.Tensor:
-    """Bool tensor: which facts the model answers right (greedy, normalised exact match)."""
+def is_correct(answer: str, accepted: Sequence[str], match: str = "exact") -> bool:
+    """Does `answer` give one of the `accepted` answers? All compared after normalisation.
+
+    exact: the whole answer is an accepted answer. prefix: the answer's first line starts with
+    one (whole words). contains: the answer's first line contains one (whole words).
+    """
+    if match == "exact":
+        got = normalize(answer)
+        return any(got == normalize(a) for a in accepted)
+    lines = answer.strip().splitlines()
+    got = normalize(lines[0]) if lines else ""
+    for a in map(normalize, accepted):
+        if not a:
+            continue
+        if match == "prefix" and (got == a or got.startswith(a + " ")):
+            return True
+        if match == "contains" and f" {a} " in f" {got} ":
+            return True
+    return False
+
+
+def answer_margin(match: str) -> int | None:
+    """Extra tokens a greedy answer may take beyond the longest accepted answer."""
+    return None if match == "exact" else SENTENCE_MARGIN_TOKENS
+
+
+def accuracy(model, tokenizer, facts, match: str = "exact", **kw) -> torch.Tensor:
+    """Bool tensor: which facts the model answers right (greedy, normalised `match`)."""
     examples = _as_examples(facts)
+    kw.setdefault("margin", answer_margin(match))
     answers = greedy_answers(model, tokenizer, examples, **kw)
-    return torch.tensor([is_correct(a, ex.answers) for a, ex in zip(answers, examples)])
+    return torch.tensor([is_correct(a, ex.answers, match) for a, ex in zip(answers, examples)])
 
 
 @torch.inference_mode()
-def answer_logprobs(model, tokenizer, facts, *, batch_size: int = 256,
-                    max_len: int = 256) -> torch.Tensor:
-    """Log-probs [N_positions, V] at every answer-token position, teacher-forced, in fact order."""
+def answer_logprobs(model, tokenizer, facts, *, batch_size: int = 256, max_len: int = 256,
+                    like: TopLogprobs | None = None) -> TopLogprobs:
+    """Log-probs at every answer-token position, teacher-forced, in fact order.
+
+    Kept per position: the `TOP_K` most likely tokens and the mass of the rest (every token when
+    the vocabulary is no larger), or, with `like`, the tokens another model's log-probs kept, so
+    that two models compare on the same entries. The LM head runs at answer positions only.
+    """
+    from trainer.losses import logits_at
     from trainer.tokenize import collate
 
     examples = _as_examples(facts)
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    chunks = []
+    parts: list[TopLogprobs] = []
     was_training = model.training
     model.eval()
+    done = 0
     for b in range(0, len(examples), batch_size):
         enc = [encode_example(tokenizer, ex, max_len) for ex in examples[b: b + batch_size]]
         batch = {k: v.to(device) for k, v in collate(enc, pad).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         where = batch["labels"][:, 1:] != IGNORE
-        chunks.append(torch.log_softmax(logits[:, :-1][where].float(), dim=-1).cpu())
+        logits = logits_at(model, batch["input_ids"], batch["attention_mask"], where)
+        at = None if like is None or like.indices is None else \
+            like.indices[done: done + logits.size(0)]
+        parts.append(top_logprobs(logits, at=at))
+        done += logits.size(0)
     model.train(was_training)
-    return torch.cat(chunks)
+    return TopLogprobs(torch.cat([p.values for p in parts]),
+                       None if parts[0].indices is None else torch.cat([p.indices for p in parts]),
+                       torch.cat([p.rest for p in parts]))
 
 
-def mean_kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
-    """Mean over positions of KL(p || q), both given as log-probs."""
-    if p_log.numel() == 0:
-        return 0.0
-    return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
+def mean_kl(p_log: TopLogprobs, q_log: TopLogprobs) -> float:
+    """Mean over positions of KL(p || q) (`trainer.vocab_chunks.mean_kl_top`); q must have been
+    read with `like=p`."""
+    return mean_kl_top(p_log, q_log)

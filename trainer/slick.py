@@ -16,8 +16,9 @@ relation has no other fact in the pool.
 Per variant we need "is the greedy answer right?" and "is any of `n_samples` samples at
 `temperature` right?".
   - Greedy: the variant is answered by batched greedy generation (`trainer.scoring.greedy_answers`)
-    and judged by `trainer.scoring.is_correct` — SQuAD-normalised exact match against every
-    accepted answer (`Example.answers`), the same judge as the service's accuracy figures. A
+    and judged by `trainer.scoring.is_correct` — the job's matcher (`evaluation.match`:
+    normalised exact by default, or prefix / contains) against every accepted answer
+    (`Example.answers`), the same judge as the service's accuracy figures. A
     teacher-forced argmax check would be cheaper but only sees the exact token sequences of the
     accepted answers, not every string that normalises to one of them; on the built-in model,
     generation costs no more than that forward pass (answers are a few tokens).
@@ -40,8 +41,10 @@ from dataclasses import dataclass
 import torch
 
 from trainer.data import Example
-from trainer.scoring import greedy_answers, is_correct, model_device
+from trainer.losses import logits_at
+from trainer.scoring import answer_margin, greedy_answers, is_correct, model_device
 from trainer.tokenize import IGNORE, collate, encode_example
+from trainer.vocab_chunks import token_logprobs
 from trainer.world import relation_of
 
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
@@ -55,6 +58,7 @@ class SlickSettings:
     temperature: float = 0.5
     batch_size: int = 256
     seed: int = 0
+    match: str = "exact"  # the job's evaluation.match: greedy answers are judged as scoring does
 
 
 def _question(ex: Example) -> str:
@@ -130,12 +134,12 @@ def _sample_prob(model, tokenizer, examples: list[Example], settings: SlickSetti
     for b in range(0, len(rows), settings.batch_size):
         enc = [encode_example(tokenizer, e, 1024) for e in rows[b: b + settings.batch_size]]
         batch = {k: v.to(device) for k, v in collate(enc, pad).items()}
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits[:, :-1]
         target = batch["labels"][:, 1:]
         where = target != IGNORE
-        logp = (torch.log_softmax(logits[where].float() / settings.temperature, -1)
-                .gather(-1, target[where][:, None])[:, 0])
+        # LM head at the answer positions only, log-softmax a few rows at a time: no
+        # [batch x time x vocab] tensor, nor a float32 one of the answer positions.
+        logits = logits_at(model, batch["input_ids"], batch["attention_mask"], where)
+        logp = token_logprobs(logits, target[where], settings.temperature)
         row = torch.arange(len(enc), device=device)[:, None].expand_as(target)[where]
         seq = torch.zeros(len(enc), device=device).index_add_(0, row, logp).exp()
         prob.index_add_(0, torch.tensor(owner[b: b + len(enc)]), seq.double().cpu())
@@ -150,8 +154,9 @@ def classify(model, tokenizer, examples: list[Example], exemplars: list[Example]
     shots = draw_exemplars(examples, pool, settings)
     k = len(shots[0]) if shots else 1
     variants = [_with_exemplars(ex, s) for ex, per in zip(examples, shots) for s in per]
-    answers = greedy_answers(model, tokenizer, variants, batch_size=settings.batch_size)
-    greedy = [is_correct(a, v.answers) for a, v in zip(answers, variants)]
+    answers = greedy_answers(model, tokenizer, variants, batch_size=settings.batch_size,
+                             margin=answer_margin(settings.match))
+    greedy = [is_correct(a, v.answers, settings.match) for a, v in zip(answers, variants)]
     prob = _sample_prob(model, tokenizer, variants, settings)
     p_any = 1 - (1 - torch.tensor(prob, dtype=torch.float64)) ** settings.n_samples
     sampled = (torch.rand(len(prob), generator=gen, dtype=torch.float64) < p_any).tolist()

@@ -57,6 +57,14 @@ class SupervisedHyperparameters(_Strict):
         "cosine", description="Learning-rate schedule after warmup.")
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     max_seq_len: int = Field(512, ge=8, le=32768, description="Tokens kept per example.")
+    micro_batch_tokens: int | None = Field(
+        None, ge=8, le=10_000_000, description="Most padded tokens in one forward/backward: a "
+        "batch over it is split into micro-batches whose gradients accumulate, so batch_size "
+        "stays the examples per optimizer step and a long example never runs out of memory. "
+        "null: the whole batch at once.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute decoder activations in backward instead of keeping them "
+        "(less memory, about a third more compute); works with LoRA.")
 
     @model_validator(mode="after")
     def _one_learning_rate(self):
@@ -183,6 +191,11 @@ class EvaluationSpec(_Strict):
     eval_every_n_epochs: int | None = Field(None, ge=1, description="Score at every checkpoint "
                                                                     "this often.")
     max_known_facts: int = Field(1000, ge=1, le=100_000)
+    match: Literal["exact", "prefix", "contains"] = Field(
+        "exact", description="How a greedy answer is judged against the accepted answers, after "
+        "normalisation (lower case, no punctuation or articles): exact (the whole answer), "
+        "prefix (the answer's first line starts with one), contains (its first line contains "
+        "one). prefix/contains suit chat models that answer in sentences.")
 
 
 class TrainSpec(_Strict):
@@ -195,13 +208,36 @@ class TrainSpec(_Strict):
     checkpoint_every_n_steps: int | None = Field(None, ge=1)
 
 
-def resolve_auto(spec: TrainSpec, n_examples: int) -> TrainSpec:
+def _auto_for_model(hp, adapter: str, n_examples: int, params: int) -> None:
+    """Conventional values for a model that is not built in (README, "Bring your own model"):
+    batch 16; 3 epochs, more for small sets (at most 10, about 3,000 examples seen); peak
+    learning rate by adapter and size: LoRA 2e-4 (1e-4 from 10B parameters), full fine-tuning
+    2e-5 below 1B, 1e-5 to 10B, 5e-6 beyond."""
+    if hp.batch_size == "auto":
+        hp.batch_size = max(1, min(16, n_examples))
+    if hp.n_epochs == "auto":
+        hp.n_epochs = int(min(10, max(3, math.ceil(3_000 / max(n_examples, 1)))))
+    if hp.learning_rate == "auto":
+        if adapter == "lora":
+            base = 2e-4 if params < 10e9 else 1e-4
+        else:
+            base = 2e-5 if params < 1e9 else 1e-5 if params < 10e9 else 5e-6
+        mult = hp.learning_rate_multiplier
+        hp.learning_rate = base * (mult if isinstance(mult, float | int) else 1.0)
+
+
+def resolve_auto(spec: TrainSpec, n_examples: int, model_params: int | None = None
+                 ) -> TrainSpec:
     """Replace every "auto" with a number, from the size of the training set.
 
-    Small fact sets need many passes to be learned (SCIENCE.md: 1,200 facts take ~40 epochs), so
-    epochs fall as the set grows, roughly constant total work; LoRA takes a larger step size.
+    For the built-in model (`model_params` None): small fact sets need many passes to be learned
+    (SCIENCE.md: 1,200 facts take ~40 epochs), so epochs fall as the set grows, roughly constant
+    total work; LoRA takes a larger step size. For any other model, conventional values for its
+    size (`model_params`) and adapter (`_auto_for_model`).
     """
     hp = spec.method.hyperparameters.model_copy()
+    if model_params is not None:
+        _auto_for_model(hp, spec.adapter.type, n_examples, model_params)
     if hp.batch_size == "auto":
         hp.batch_size = max(1, min(32, n_examples // 8 or 1))
     if hp.n_epochs == "auto":
