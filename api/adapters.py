@@ -61,7 +61,11 @@ def adapter_response(artifacts: ArtifactStore, job: Job, ckpt: Checkpoint) -> Fi
                   "base_model": job.model,
                   "usage": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
                            "this_folder); ask with tokenizer.apply_chat_template(messages, "
-                           "add_generation_prompt=True) and greedy decoding"}
+                           "add_generation_prompt=True, chat_template=prompt_format.template) "
+                           "and greedy decoding stopped at prompt_format.stop_token_ids"}
+        fmt = folder / "prompt_format.json"  # written by the trainer beside the weights
+        if fmt.is_file():
+            report["prompt_format"] = json.loads(fmt.read_text())
         with artifacts.replacing(f"{ckpt.storage_path}/{ZIP_NAME}") as tmp:
             _build_zip(folder, report, tmp)  # renamed into place whole: no half zip is served
     return FileResponse(target, media_type="application/zip",

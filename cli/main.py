@@ -77,6 +77,12 @@ def _bench(sub) -> None:
                      help="a Redis database of the bench's own (flushed before and after)")
     api.add_argument("--logs", help="keep the servers' logs in this directory")
     api.set_defaults(func=_lazy("bench.api", "main"))
+    gpu = bsub.add_parser("gpu", help="a Qwen2 0.5B-shape model on one CUDA GPU: our loop vs HF "
+                          "Trainer, SD cost, scoring speed (refuses without a GPU)")
+    gpu.add_argument("--json", help="write the figures here too")
+    gpu.add_argument("--steps", type=int, default=30, help="optimizer steps per timed run")
+    gpu.add_argument("--examples", type=int, default=3000, help="QA facts in the training set")
+    gpu.set_defaults(func=_lazy("bench.gpu", "main"))
 
 
 def _service(sub) -> None:

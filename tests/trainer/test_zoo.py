@@ -260,3 +260,37 @@ def test_teacher_forward_has_no_dropout_while_the_student_trains(zoo_dir):
     b = teacher.logits_at(ids, mask, where)
     assert torch.equal(a, b)
     assert model.training and all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("method, extra", [("supervised", []),
+                                           ("frozen_groups", ["--trainable", "attention,mlp"])])
+def test_gpt2_trains_with_driftsafe_train_and_its_adapter_reloads(method, extra, zoo_dir,
+                                                                 zoo_data, tmp_path, capsys):
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cli.main import main
+    from trainer.world import write_jsonl
+
+    model_dir = zoo_dir("gpt2")  # Conv1D layers, dropout 0.1, no chat template
+    rows = {"train": [{"question": e.messages[0]["content"], "answer": e.answers[0]}
+                      for e in zoo_data["train"]],
+            "known": [{"question": e.messages[0]["content"], "answer": e.answers[0]}
+                      for e in zoo_data["known"]]}
+    for name, lines in rows.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", lines)
+    code = main(["train", "--model", str(model_dir), "--training-file",
+                 str(tmp_path / "train.jsonl"), "--known-facts", str(tmp_path / "known.jsonl"),
+                 "--out", str(tmp_path / "run"), "--method", method, "--adapter", "lora",
+                 "--epochs", "1", "--batch-size", "4", "--learning-rate", "0.01", *extra])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["status"] == "succeeded"
+    assert printed["evaluation"]["base_heldout_known_accuracy"] == 1.0
+    adapter = printed["adapter"]
+    fmt = json.loads((tmp_path / "run" / "final" / "adapter" / "prompt_format.json").read_text())
+    assert fmt["chat_template"] == "driftsafe-plain-qa"
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+    assert any("lora_" in n for n, _ in reloaded.named_parameters())
