@@ -21,7 +21,8 @@ REPORT_KEYS = ("base_heldout_known_accuracy", "heldout_known_accuracy", "forgett
                "heldout_known_accuracy_seen_entities", "heldout_known_accuracy_unseen_entities",
                "base_heldout_known_accuracy_seen_entities",
                "base_heldout_known_accuracy_unseen_entities",
-               "heldout_known_facts_seen_entities", "heldout_known_facts_unseen_entities")
+               "heldout_known_facts_seen_entities", "heldout_known_facts_unseen_entities",
+               "heldout_known_facts_used", "heldout_known_facts_dropped_in_training")
 
 
 class JobError(BaseModel):
