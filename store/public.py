@@ -16,7 +16,7 @@ from trainer.spec import Method
 
 REPORT_KEYS = ("base_heldout_known_accuracy", "heldout_known_accuracy", "forgetting",
                "hallucination_rate", "new_fact_accuracy", "task_accuracy", "output_drift",
-               "knowledge_categories", "max_forgetting", "drift_safe",
+               "knowledge_categories", "max_forgetting", "drift_safe", "representation_drift",
                "forgetting_seen_entities", "forgetting_unseen_entities",
                "heldout_known_accuracy_seen_entities", "heldout_known_accuracy_unseen_entities",
                "base_heldout_known_accuracy_seen_entities",
@@ -65,6 +65,7 @@ class FineTuningJob(BaseModel):
     evaluation: dict[str, Any] = Field(description="driftsafe: settings and known-fact report")
     progress: Progress | None = Field(description="driftsafe: while running")
     cancel_requested: bool = Field(description="driftsafe: cancel asked, job stops at next step")
+    preset: str | None = Field(None, description="driftsafe: the preset that filled the method")
 
 
 
@@ -97,5 +98,5 @@ def job_object(job: Job) -> dict:
         user_provided_suffix=job.suffix, adapter=spec["adapter"], evaluation=evaluation,
         progress=(Progress(**job.progress)
                   if job.progress and job.status == JobStatus.RUNNING else None),
-        cancel_requested=job.cancel_requested,
+        cancel_requested=job.cancel_requested, preset=spec.get("preset"),
     ).model_dump()

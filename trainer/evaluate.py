@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.data import Example
+from trainer.drift import cosine_drift, subject_spans, subject_vectors
 from trainer.scoring import (
     answer_logprobs,
     answer_margin,
@@ -29,6 +30,7 @@ class Baseline:
     train_known: torch.Tensor  # bool per training example: the base answered it right
     heldout_correct: torch.Tensor  # bool per held-out known fact
     heldout_logprobs: TopLogprobs  # base log-probs at held-out answer tokens (top-k + rest)
+    subject_vectors: torch.Tensor | None  # base hidden state at held-out entities (drift)
 
 
 def _correct(model, tokenizer, facts: list[Example], match: str = "exact"
@@ -96,13 +98,19 @@ class KnowledgeProbe:
         self.max_forgetting = max_forgetting
         self.base: Baseline | None = None
         self.seen = seen_entity_mask(train_examples, self.known)  # None: strata unknown
+        self._spans = None  # held-out prompts and their entity tokens, for representation drift
 
     def baseline(self, model) -> Baseline:
         train_known, _ = _correct(model, self.tokenizer, self.train, self.match)
         heldout, _ = _correct(model, self.tokenizer, self.known, self.match)
         logprobs = answer_logprobs(model, self.tokenizer, self.known)
-        self.base = Baseline(train_known, heldout, logprobs)
+        self.base = Baseline(train_known, heldout, logprobs, self._subject_vectors(model))
         return self.base
+
+    def _subject_vectors(self, model) -> torch.Tensor | None:
+        if self._spans is None:
+            self._spans = subject_spans(self.tokenizer, self.known)
+        return subject_vectors(model, self._spans, self.tokenizer.pad_token_id)
 
     def measure(self, model) -> dict:
         """Every metric of the report, as fractions in [0, 1] (None where a set is empty)."""
@@ -132,6 +140,8 @@ class KnowledgeProbe:
             "new_fact_accuracy": _mean(train_ok[~self.base.train_known]),
             "task_accuracy": _mean(train_ok[self.base.train_known]),
             "output_drift": drift,
+            "representation_drift": cosine_drift(self.base.subject_vectors,
+                                                 self._subject_vectors(model)),
             "max_forgetting": self.max_forgetting,
             "drift_safe": forgetting <= self.max_forgetting,
             **strata_report(self.seen, self.base.heldout_correct, heldout_ok),
