@@ -59,6 +59,7 @@ class TrainJob:
     log_every_n_steps: int = 10
     device: str | None = None  # None: CUDA when present, else CPU
     max_tokens: int | None = None  # epochs x tokens of the training set; over it: JobTooLarge
+    measure_pull: bool = False  # self-distillation: report the L2 strength matching its pull
 
 
 class JobTooLarge(ValueError):
@@ -131,11 +132,20 @@ class _Run:
         self.probe: KnowledgeProbe | None = None
         self.categories: dict | None = None
         self._assess_base(base)
+        needs_probe = [name for name in ("stop_at_new_fact_accuracy", "distill_weight_new_facts")
+                       if getattr(self.hp, name, None) is not None]
+        if needs_probe and self.probe is None:
+            raise ValueError(f"{needs_probe[0]} needs known-fact scoring (a known-facts file) to "
+                             "tell new facts from known ones")
         self.model, self.teacher = self._prepare(base)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate,
                                            weight_decay=self.hp.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        # theta_0 of the L2 anchor (and of `measure_pull`): the trained parameters as training
+        # starts, before a resume restores later ones (the seed makes a LoRA init the same).
+        self.start = ([p.detach().clone() for p in params]
+                      if self.hp.weight_anchor > 0 or job.measure_pull else None)
 
     @property
     def checkpoint_root(self) -> Path:
@@ -234,7 +244,28 @@ class _Run:
         rows: list[Encoded] = [self.encoded[i] for i in indices]
         return {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
 
-    def _loss(self, batch) -> tuple[torch.Tensor, dict]:
+    def _distill_weight(self, step: int, rows: list[int], where: torch.Tensor
+                        ) -> float | torch.Tensor:
+        """lambda: the schedule's value at `step`; or, with `distill_weight_new_facts`, a tensor
+        with lambda at each KL position, that value at those of new-fact examples."""
+        hp: SelfDistillationHyperparameters = self.hp  # type: ignore[assignment]
+        lam = hp.distill_weight
+        if hp.distill_weight_final is not None:
+            lam += (hp.distill_weight_final - lam) * step / max(1, self.total_steps - 1)
+        if hp.distill_weight_new_facts is None:
+            return lam
+        per_row = torch.full((len(rows),), lam, device=where.device)
+        new = ~self.probe.base.train_known[rows]
+        per_row[new.to(where.device)] = hp.distill_weight_new_facts
+        return per_row[where.nonzero()[:, 0]]
+
+    def _anchor_penalty(self) -> torch.Tensor:
+        """mu/2 * ||theta - theta_0||^2 over the trained parameters."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return 0.5 * self.hp.weight_anchor * sum(
+            (p - p0).pow(2).sum() for p, p0 in zip(params, self.start))
+
+    def _loss(self, batch, rows: list[int], step: int) -> tuple[torch.Tensor, dict]:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         answer = loss_positions(labels)
         kl_all = self.teacher is not None and self.hp.distill_positions == "all"
@@ -244,13 +275,20 @@ class _Run:
         logits = logits_at(self.model, ids, mask, where)
         ce_rows = answer[where]
         ce = ce_sum(logits[ce_rows], labels[:, 1:][answer]) / max(1, int(answer.sum()))
-        if self.teacher is None:
-            return ce, {"train_loss": float(ce.detach())}
-        hp: SelfDistillationHyperparameters = self.hp  # type: ignore[assignment]
-        kl = distillation_kl(logits, t_logits, hp.distill_temperature)
-        loss = ce + hp.distill_weight * kl
-        return loss, {"train_loss": float(loss.detach()), "ce_loss": float(ce.detach()),
-                      "distill_loss": float(kl.detach())}
+        loss, parts = ce, {}
+        if self.hp.weight_anchor > 0:
+            penalty = self._anchor_penalty()
+            loss = loss + penalty
+            parts["anchor_loss"] = float(penalty.detach())
+        if self.teacher is not None:
+            hp: SelfDistillationHyperparameters = self.hp  # type: ignore[assignment]
+            lam = self._distill_weight(step, rows, where)
+            per_position = isinstance(lam, torch.Tensor)  # then the KL comes out weighted
+            kl = distillation_kl(logits, t_logits, hp.distill_temperature,
+                                 weights=lam if per_position else None)
+            loss = loss + (kl if per_position else lam * kl)
+            parts |= {"ce_loss": float(ce.detach()), "distill_loss": float(kl.detach())}
+        return loss, {"train_loss": float(loss.detach()), **parts}
 
     def _gradients(self, rows: list[int], step: int) -> tuple[dict, int]:
         """Forward and backward of one optimizer step's examples, in micro-batches of at most
@@ -271,7 +309,7 @@ class _Run:
             share = 1.0 if len(groups) == 1 else sum(answers[j] for j in group) / total
             batch = self._batch(micro)
             with self.precision.autocast():
-                loss, micro_parts = self._loss(batch)
+                loss, micro_parts = self._loss(batch, micro, step)
             self.precision.backward(loss * share if share != 1.0 else loss)
             for key, value in micro_parts.items():
                 parts[key] = parts.get(key, 0.0) + share * value
@@ -295,7 +333,6 @@ class _Run:
             return {}
         with self.precision.autocast():
             return self.probe.measure(self.model)
-
 
     def _checkpoint(self, step: int, metrics: dict, trained_tokens: int) -> CheckpointInfo:
         # A format-warmup teacher was trained in this run: keep it, so a resume needs no re-run.
@@ -381,17 +418,29 @@ class _Run:
                                     "epoch": step / self.steps_per_epoch,
                                     "learning_rate": self.scheduler.get_last_lr()[0],
                                     "seconds_remaining": remaining, **parts})
-            if (self.job.save_checkpoints and step < self.total_steps
+            stop_rule = self.hp.stop_at_new_fact_accuracy
+            if ((self.job.save_checkpoints or stop_rule) and step < self.total_steps
                     and self._is_checkpoint_step(step)):
                 metrics = self._measure()
                 self.model.train()
-                checkpoints.append(self._checkpoint(step, metrics, tokens))
+                if stop_rule and (metrics.get("new_fact_accuracy") or 0.0) >= stop_rule:
+                    self.cb.on_event("info", f"new-fact accuracy {metrics['new_fact_accuracy']:.1%}"
+                                             f" reached {stop_rule:.0%} at step {step}: stopping")
+                    return self._finish("succeeded", step, tokens, checkpoints, losses,
+                                        report=metrics)
+                if self.job.save_checkpoints:
+                    checkpoints.append(self._checkpoint(step, metrics, tokens))
         return self._finish("succeeded", step, tokens, checkpoints, losses)
 
-    def _finish(self, status, step, tokens, checkpoints, losses, cancelled=False) -> TrainResult:
+    def _finish(self, status, step, tokens, checkpoints, losses, cancelled=False,
+                report: dict | None = None) -> TrainResult:
         from trainer.checkpoint import save_weights
 
-        report = self._measure() if not cancelled else None
+        if report is None and not cancelled:
+            report = self._measure()
+        if report is not None and self.job.measure_pull and self.teacher is not None:
+            from trainer.anchor import pull_diagnostics
+            report |= pull_diagnostics(self, self.start)
         final_dir = None
         if self.job.save_checkpoints:
             if cancelled:

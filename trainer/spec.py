@@ -65,6 +65,14 @@ class SupervisedHyperparameters(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute decoder activations in backward instead of keeping them "
         "(less memory, about a third more compute); works with LoRA.")
+    weight_anchor: float = Field(
+        0.0, ge=0, le=1e6, description="mu: an L2 pull toward the weights training starts from, "
+        "mu/2 * ||theta - theta_0||^2 over the trained parameters (the paper's weight-space "
+        "baseline). 0: off.")
+    stop_at_new_fact_accuracy: float | None = Field(
+        None, gt=0, le=1, description="End training at the first checkpoint that answers this "
+        "share of the training questions the base did not know (new facts): later steps mostly "
+        "add forgetting. Needs known-fact scoring; null: train every epoch.")
 
     @model_validator(mode="after")
     def _one_learning_rate(self):
@@ -81,6 +89,13 @@ class SelfDistillationHyperparameters(SupervisedHyperparameters):
                             "format_warmup: the base after one epoch on the examples it knows.")
     distill_positions: Literal["answer", "all"] = Field(
         "answer", description="Positions carrying the KL: answer tokens only, or every token.")
+    distill_weight_final: float | None = Field(
+        None, ge=0, le=100, description="lambda at the last step: lambda moves linearly from "
+        "distill_weight to this over the run (a schedule). null: constant.")
+    distill_weight_new_facts: float | None = Field(
+        None, ge=0, le=100, description="lambda on the examples the base model did not answer "
+        "right (new facts), where the teacher's answer is the old one; the others keep "
+        "distill_weight. Needs known-fact scoring. null: the same lambda everywhere.")
 
 
 class FrozenGroupsHyperparameters(SupervisedHyperparameters):
@@ -206,6 +221,8 @@ class TrainSpec(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     seed: int = Field(42, ge=0, le=2**31 - 1)
     checkpoint_every_n_steps: int | None = Field(None, ge=1)
+    preset: Literal["drift_safe"] | None = Field(
+        None, description="The preset the method came from (trainer.presets); a label only.")
 
 
 def _auto_for_model(hp, adapter: str, n_examples: int, params: int) -> None:
