@@ -94,6 +94,10 @@ class JobCreate(BaseModel):
         None, description="OpenAI's older top-level form: supervised hyperparameters.")
     method: Method | None = Field(None, description="supervised (default), self_distillation, "
                                                     "or frozen_groups, each with its own block.")
+    preset: Literal["drift_safe"] | None = Field(
+        None, description="driftsafe: a measured recipe that fills the method (drift_safe: "
+                          "self-distillation tuned to forget least; README). Fields given in "
+                          "method.self_distillation win over it.")
     adapter: AdapterSpec = Field(default_factory=AdapterSpec,
                                  description="driftsafe: LoRA or full.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec,

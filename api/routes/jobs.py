@@ -28,6 +28,7 @@ from api.schemas import (
 from api.tenancy import Scoped, list_body
 from store.jobstate import ACTIVE, JobStatus, add_event, transition
 from store.models import Checkpoint, Job, JobEvent, StoredFile, by_public_id, new_id, now
+from trainer.presets import PresetConflict, apply_preset, preset_evaluation
 from trainer.spec import Method, TrainSpec, resolve_auto
 
 router = APIRouter(prefix="/v1/fine_tuning", tags=["fine-tuning"])
@@ -37,9 +38,22 @@ def _training_spec(body: JobCreate) -> TrainSpec:
     if body.method is not None and body.hyperparameters is not None:
         raise APIError(400, "Give hyperparameters inside method, not both at the top level and "
                             "in method.", param="hyperparameters")
-    method = body.method or Method(type="supervised", supervised={
-        "hyperparameters": body.hyperparameters or {}})
-    return TrainSpec(method=method, adapter=body.adapter, evaluation=body.evaluation,
+    evaluation = body.evaluation
+    if body.preset is not None:
+        if body.hyperparameters is not None:
+            raise APIError(400, f"preset '{body.preset}' fills the method; give hyperparameters "
+                                "inside method.self_distillation to override it.",
+                           param="hyperparameters")
+        try:
+            method = apply_preset(body.preset, body.method, body.adapter.type)
+        except PresetConflict as e:
+            raise APIError(400, f"{e}.", param="preset") from None
+        evaluation = preset_evaluation(evaluation)
+    else:
+        method = body.method or Method(type="supervised", supervised={
+            "hyperparameters": body.hyperparameters or {}})
+    return TrainSpec(method=method, adapter=body.adapter, evaluation=evaluation,
+                     preset=body.preset,
                      seed=body.seed if body.seed is not None else int(time.time()) % 2**31)
 
 
