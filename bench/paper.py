@@ -10,7 +10,13 @@ held-out known facts. Rows:
   known_only         SFT on the known training facts alone
   sft_name_keys      SFT on train.jsonl: known + new facts with name-like keys (the sft run)
   sft_uuid_keys      SFT on train_uuid.jsonl: the same known facts + as many UUID-key new facts
-`--lora` adds LoRA rows for SFT and self-distillation (the service's default adapter).
+                     (UUID keys are two pretrained tokens, like names: trainer/world.py)
+  l2_anchor          SFT + an L2 pull toward the base weights, at the strength matched to the
+                     self_distillation row's pull (trainer/anchor.py)
+  drift_safe_preset  the `drift_safe` preset (trainer/presets.py)
+`--lora` adds LoRA rows for SFT, self-distillation and the preset (the service's default adapter).
+Every row also carries representation drift and forgetting by entity stratum (held-out facts
+about a person seen in training, or not).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from trainer.spec import TrainSpec
 EPOCHS, BATCH, LR_FULL, LR_LORA = 40, 32, 3e-4, 1e-3
 SCHEDULE = {"lr_scheduler": "cosine", "warmup_ratio": 0.05}  # the service's default recipe
 COLUMNS = ("task_accuracy", "new_fact_accuracy", "base_heldout_known_accuracy",
-           "heldout_known_accuracy", "forgetting")
+           "heldout_known_accuracy", "forgetting", "representation_drift",
+           "forgetting_seen_entities", "forgetting_unseen_entities")
+L2_FROM = "self_distillation"  # the row whose pull the l2_anchor row matches
 
 
 def _spec(method: str, *, adapter: str = "full", lr: float = LR_FULL, seed: int = 0,
@@ -35,6 +43,18 @@ def _spec(method: str, *, adapter: str = "full", lr: float = LR_FULL, seed: int 
     hp = {"n_epochs": EPOCHS, "batch_size": BATCH, "learning_rate": lr, **SCHEDULE, **extra}
     return TrainSpec.model_validate({"method": {"type": method, method: {"hyperparameters": hp}},
                                      "adapter": {"type": adapter}, "seed": seed})
+
+
+def _preset_spec(*, adapter: str = "full", lr: float = LR_FULL, seed: int = 0) -> TrainSpec:
+    """The drift_safe preset as a job naming it gets it, with the table's epochs, batch and lr."""
+    from trainer.presets import apply_preset, preset_evaluation
+    from trainer.spec import EvaluationSpec, Method
+
+    explicit = Method.model_validate({"type": "self_distillation", "self_distillation": {
+        "hyperparameters": {"n_epochs": EPOCHS, "batch_size": BATCH, "learning_rate": lr}}})
+    return TrainSpec(method=apply_preset("drift_safe", explicit, adapter),
+                     adapter={"type": adapter}, evaluation=preset_evaluation(EvaluationSpec()),
+                     preset="drift_safe", seed=seed)
 
 
 def runs(seed: int, lora: bool) -> list[tuple[str, str, TrainSpec, str]]:
@@ -51,6 +71,8 @@ def runs(seed: int, lora: bool) -> list[tuple[str, str, TrainSpec, str]]:
         ("known_only", "supervised", _spec("supervised", seed=seed), "known"),
         ("sft_name_keys", "supervised", _spec("supervised", seed=seed), "mixed"),
         ("sft_uuid_keys", "supervised", _spec("supervised", seed=seed), "uuid_mixed"),
+        ("l2_anchor", "supervised + L2 to base weights (matched)", None, "mixed"),
+        ("drift_safe_preset", "preset drift_safe", _preset_spec(seed=seed), "mixed"),
     ]
     if lora:
         rows += [
@@ -58,6 +80,8 @@ def runs(seed: int, lora: bool) -> list[tuple[str, str, TrainSpec, str]]:
              _spec("supervised", adapter="lora", lr=LR_LORA, seed=seed), "mixed"),
             ("lora_self_distillation", "self_distillation (LoRA r=16)",
              _spec("self_distillation", adapter="lora", lr=LR_LORA, seed=seed), "mixed"),
+            ("lora_drift_safe_preset", "preset drift_safe (LoRA r=16)",
+             _preset_spec(adapter="lora", lr=LR_LORA, seed=seed), "mixed"),
         ]
     return rows
 
@@ -73,16 +97,21 @@ def training_sets(world_dir: Path) -> dict[str, list]:
 
 def format_table(rows: list[dict]) -> str:
     head = ("| run | method | task acc | new-fact acc | base held-out | tuned held-out "
-            "| forgetting |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
+            "| forgetting | seen / unseen entities | repr. drift |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
 
     def pct(v):
         return "—" if v is None else f"{100 * v:.1f}%"
 
+    def pts(v):
+        return "—" if v is None else f"{100 * v:.1f}"
+
     for r in rows:
         lines.append(f"| {r['run']} | {r['method']} | {pct(r['task_accuracy'])} | "
                      f"{pct(r['new_fact_accuracy'])} | {pct(r['base_heldout_known_accuracy'])} | "
-                     f"{pct(r['heldout_known_accuracy'])} | {100 * r['forgetting']:.1f} pts |")
+                     f"{pct(r['heldout_known_accuracy'])} | {100 * r['forgetting']:.1f} pts | "
+                     f"{pts(r['forgetting_seen_entities'])} / "
+                     f"{pts(r['forgetting_unseen_entities'])} | {pct(r['representation_drift'])} |")
     return "\n".join(lines)
 
 
@@ -96,6 +125,10 @@ def run_paper(seed: int, lora: bool = False, log=print) -> list[dict]:
     known = load_examples(world_dir / "heldout_known.jsonl")
     rows: list[dict] = []
     for run, label, spec, which in runs(seed, lora):
+        if spec is None:  # l2_anchor: its strength comes from the self-distillation row
+            mu = next(r["matched_weight_anchor"] for r in rows if r["run"] == L2_FROM)
+            spec = _spec("supervised", seed=seed, weight_anchor=mu)
+            label = f"{label}, mu={mu:.3g}"
         same = next((r for r in rows if r["spec"] == (spec, which)), None)
         if same is not None:  # sft_name_keys is the sft run itself: report it, don't rerun it
             rows.append({**same, "run": run, "method": label})
@@ -104,9 +137,13 @@ def run_paper(seed: int, lora: bool = False, log=print) -> list[dict]:
         with TemporaryDirectory() as out:
             result = train(TrainJob(spec=spec, model_dir=world_dir / "model",
                                     train_examples=sets[which], known_facts=known,
-                                    output_dir=Path(out), slick=None, save_checkpoints=False))
-        row = {"run": run, "method": label, **{k: result.report[k] for k in COLUMNS},
-               "seconds": round(time.monotonic() - started, 1), "spec": (spec, which)}
+                                    output_dir=Path(out), slick=None, save_checkpoints=False,
+                                    measure_pull=run == L2_FROM))
+        row = {"run": run, "method": label, **{k: result.report.get(k) for k in COLUMNS},
+               "steps": result.step, "seconds": round(time.monotonic() - started, 1),
+               "spec": (spec, which)}
+        if run == L2_FROM:
+            row["matched_weight_anchor"] = result.report["matched_weight_anchor"]
         rows.append(row)
         log(f"{run}: new {row['new_fact_accuracy']}, held-out {row['heldout_known_accuracy']:.3f}, "
             f"forgetting {row['forgetting']:.3f} ({row['seconds']}s)")

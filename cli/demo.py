@@ -1,8 +1,9 @@
 """`driftsafe demo`: the main job, end to end on embedded defaults.
 
 Builds (or reuses) the built-in model and data, starts the embedded service (API + worker, no
-servers), submits a plain SFT, a self-distillation and a frozen-groups job through the HTTP API,
-shows their progress, prints the side-by-side table and saves the three adapters.
+servers), submits a plain SFT, a self-distillation and a frozen-groups job and one with the
+`drift_safe` preset through the HTTP API, shows their progress, prints the side-by-side table,
+saves the four adapters and, for each job, says whether a checkpoint stayed within the budget.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ METHODS = {
         "trainable": ["attention"]}}},
 }
 HYPER = {"n_epochs": 40, "batch_size": 32, "learning_rate": 1e-3}
+PRESET_JOB = "drift_safe_preset"  # the method and its pull come from the preset
+
+
+def _recipe(name: str, epochs: int) -> dict:
+    if name == PRESET_JOB:
+        return {"preset": "drift_safe", "method": {"type": "self_distillation",
+                "self_distillation": {"hyperparameters": {**HYPER, "n_epochs": epochs}}}}
+    return {"method": _method(name, epochs)}
 
 
 def _method(name: str, epochs: int) -> dict:
@@ -96,13 +105,13 @@ def main(args) -> int:
 
         train_id = upload(world / "train.jsonl")
         known_id = upload(world / "heldout_known.jsonl")
-        print("3/4 three jobs through the HTTP API: same data, same LoRA adapter, "
-              f"{args.epochs} epochs", flush=True)
+        print("3/4 four jobs through the HTTP API: same data, same LoRA adapter, "
+              f"{args.epochs} epochs (the preset may stop early)", flush=True)
         ids = {}
-        for name in METHODS:
+        for name in [*METHODS, PRESET_JOB]:
             r = http.post("/fine_tuning/jobs", json={
                 "model": "driftsafe-factlm-tiny", "training_file": train_id, "seed": 0,
-                "method": _method(name, args.epochs), "suffix": f"demo-{name}",
+                **_recipe(name, args.epochs), "suffix": f"demo-{name.replace('_preset', '')}",
                 "evaluation": {"known_facts_file": known_id, "max_forgetting": 0.05}})
             r.raise_for_status()
             ids[name] = r.json()["id"]
@@ -131,7 +140,13 @@ def main(args) -> int:
             r = http.get(f"/fine_tuning/jobs/{ids[name]}/adapter")
             r.raise_for_status()
             (out / f"{name}-adapter.zip").write_bytes(r.content)
-            print(f"saved {out / (name + '-adapter.zip')}")
+            safe = http.get(f"/fine_tuning/jobs/{ids[name]}/adapter",
+                            params={"select": "drift_safe"})
+            if safe.status_code == 200:
+                (out / f"{name}-drift-safe-adapter.zip").write_bytes(safe.content)
+            print(f"saved {out / (name + '-adapter.zip')}; drift-safe checkpoint: "
+                  + (f"saved as {name}-drift-safe-adapter.zip" if safe.status_code == 200
+                     else "none within the 5-point budget"))
         from cli.compare import save_comparison
         chart = save_comparison(http, list(ids.values()), out / "compare.png")
         print(f"saved {chart} (new-fact accuracy against forgetting, every job); the dashboard "

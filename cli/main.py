@@ -58,6 +58,20 @@ def _bench(sub) -> None:
     speed.add_argument("--json", help="write the figures here too")
     speed.add_argument("--steps", type=int, default=60)
     speed.set_defaults(func=_lazy("bench.speed", "main"))
+    frontier = bsub.add_parser("frontier", help="new-fact accuracy against forgetting, every "
+                               "checkpoint of every configuration (LoRA)")
+    frontier.add_argument("--seed", type=int, default=0)
+    frontier.add_argument("--epochs", type=int, default=20)
+    frontier.add_argument("--only", help="comma-separated configurations (sft and sd_lambda_1 "
+                          "always run: the floor and the L2 strength come from them)")
+    frontier.add_argument("--json", help="write the figures here too")
+    frontier.add_argument("--plot", help="write the curves to this PNG")
+    frontier.set_defaults(func=_lazy("bench.frontier", "main"))
+    interference = bsub.add_parser("interference", help="forgetting and drift against the "
+                                   "number of new facts, name-like vs UUID keys (SFT)")
+    interference.add_argument("--seed", type=int, default=0)
+    interference.add_argument("--json", help="write the figures here too")
+    interference.set_defaults(func=_lazy("bench.interference", "main"))
     api = bsub.add_parser("api", help="the API under load (wrk) beside a bare FastAPI app")
     api.add_argument("--json", help="write the figures here too")
     api.add_argument("--workers", type=int, default=1, help="uvicorn processes, both apps")
