@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from trainer import teacher as teachers
+from trainer import teacher_cache
 from trainer.checkpoint import CheckpointInfo, latest_checkpoint, load_state, save_checkpoint
 from trainer.data import Example
 from trainer.evaluate import KnowledgeProbe
@@ -138,6 +139,7 @@ class _Run:
             raise ValueError(f"{needs_probe[0]} needs known-fact scoring (a known-facts file) to "
                              "tell new facts from known ones")
         self.model, self.teacher = self._prepare(base)
+        self.teacher_cache: teacher_cache.TeacherCache | None = None  # built by `run`
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.hp.learning_rate,
                                            weight_decay=self.hp.weight_decay, fused=True)
@@ -270,7 +272,8 @@ class _Run:
         answer = loss_positions(labels)
         kl_all = self.teacher is not None and self.hp.distill_positions == "all"
         where = mask[:, 1:].bool() if kl_all else answer  # CE positions are a subset of these
-        if self.teacher is not None:  # first, so its activations are gone before the student's
+        cached = self.teacher_cache is not None
+        if self.teacher is not None and not cached:  # first: its activations go before ours
             t_logits = self.teacher.logits_at(ids, mask, where)
         logits = logits_at(self.model, ids, mask, where)
         ce_rows = answer[where]
@@ -284,8 +287,9 @@ class _Run:
             hp: SelfDistillationHyperparameters = self.hp  # type: ignore[assignment]
             lam = self._distill_weight(step, rows, where)
             per_position = isinstance(lam, torch.Tensor)  # then the KL comes out weighted
-            kl = distillation_kl(logits, t_logits, hp.distill_temperature,
-                                 weights=lam if per_position else None)
+            weights = lam if per_position else None
+            kl = (self.teacher_cache.kl(logits, rows, weights) if cached else
+                  distillation_kl(logits, t_logits, hp.distill_temperature, weights=weights))
             loss = loss + (kl if per_position else lam * kl)
             parts |= {"ce_loss": float(ce.detach()), "distill_loss": float(kl.detach())}
         return loss, {"train_loss": float(loss.detach()), **parts}
@@ -392,8 +396,18 @@ class _Run:
         self.cb.on_event("info", f"resumed from checkpoint at step {meta['step']}")
         return meta["step"], meta.get("trained_tokens", 0)
 
+    def _cache_teacher(self) -> None:
+        """Compute the teacher's outputs once (`trainer.teacher_cache`): after the teacher is
+        final (a format warm-up trained, a checkpoint's teacher restored), before step one."""
+        self.teacher_cache, level, message = teacher_cache.for_run(
+            self.teacher, self.encoded, self.hp, self.model.get_output_embeddings().weight.size(0),
+            self.pad_id, self.device, self.precision.autocast)
+        self.cb.on_event(level, message)
+
     def run(self) -> TrainResult:
         step, tokens = self._restore() if self.resume_from else (0, 0)
+        if self.teacher is not None and self.teacher_cache is None and step < self.total_steps:
+            self._cache_teacher()
         checkpoints: list[CheckpointInfo] = []
         losses: list[float] = []
         started, first_step = time.monotonic(), step

@@ -96,6 +96,15 @@ class SelfDistillationHyperparameters(SupervisedHyperparameters):
         None, ge=0, le=100, description="lambda on the examples the base model did not answer "
         "right (new facts), where the teacher's answer is the old one; the others keep "
         "distill_weight. Needs known-fact scoring. null: the same lambda everywhere.")
+    teacher_cache: Literal["auto", "exact", "topk", "off"] = Field(
+        "auto", description="The frozen teacher's distributions at the KL positions, computed "
+        "once before the first step and reused every epoch (trainer.teacher_cache): exact "
+        "(temperature-scaled log-probs over the whole vocabulary; the same loss as a live "
+        "teacher), topk (the teacher_cache_top_k largest log-probs plus the tail mass; the KL "
+        "of those coarse-grained distributions), auto (exact where it fits in 256 MiB, else "
+        "topk), off (the teacher runs a forward pass every step).")
+    teacher_cache_top_k: int = Field(
+        64, ge=1, le=4096, description="Tokens kept per position by a topk teacher cache.")
 
 
 class FrozenGroupsHyperparameters(SupervisedHyperparameters):
