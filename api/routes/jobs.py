@@ -12,7 +12,7 @@ from sqlalchemy import bindparam, func, select, update
 from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep
-from api.models_registry import known_model_ids
+from api.models_registry import BUILTIN_MODEL_ID, known_model_ids
 from api.schemas import (
     FineTuningJob,
     JobCreate,
@@ -28,6 +28,12 @@ from api.schemas import (
 from api.tenancy import Scoped, list_body
 from store.jobstate import ACTIVE, JobStatus, add_event, transition
 from store.models import Checkpoint, Job, JobEvent, StoredFile, by_public_id, new_id, now
+from trainer.modelfacts import (
+    TiedEmbeddingsError,
+    auto_size,
+    check_tied_selection,
+    tied_in_config,
+)
 from trainer.presets import PresetConflict, apply_preset, preset_evaluation
 from trainer.spec import Method, TrainSpec, resolve_auto
 
@@ -76,9 +82,27 @@ def _file_for(scoped: Scoped, file_id: str | None, param: str, *, qa_only: bool 
     return _checked_file(scoped.find(StoredFile, file_id), file_id, param, qa_only=qa_only)
 
 
-def _planned_steps(spec: TrainSpec, examples: int, settings) -> int:
-    """Optimizer steps the job will take, checked against the cap before anything is queued."""
-    hp = resolve_auto(spec, examples).method.hyperparameters
+def _check_tied_embeddings(spec: TrainSpec, model: str, model_dir: str | None) -> None:
+    """A registered model's config.json is at hand: a full fine-tuning selection naming one side
+    of tied embeddings is refused now, not when a worker loads the model (which checks again, and
+    is the only check for the built-in model)."""
+    if model_dir is None or spec.method.type != "frozen_groups":
+        return
+    try:
+        check_tied_selection(tied_in_config(model_dir), spec.method.hyperparameters.groups(),
+                             spec.adapter.type)
+    except TiedEmbeddingsError as e:
+        raise APIError(400, f"Model '{model}': {e}.",
+                       param="method.frozen_groups.hyperparameters.trainable",
+                       code=e.code) from None
+
+
+def _planned_steps(spec: TrainSpec, examples: int, settings, model_dir: str | None) -> int:
+    """Optimizer steps the job will take, checked against the cap before anything is queued.
+    "auto" resolves as the worker will resolve it: by the registered model's size (read off its
+    config.json), the built-in model (`model_dir` None) by its own defaults."""
+    size = auto_size(model_dir) if model_dir is not None else None
+    hp = resolve_auto(spec, examples, size).method.hyperparameters
     batches = math.ceil(examples / hp.batch_size)
     steps = hp.n_epochs * batches
     if steps > settings.max_job_steps:
@@ -121,13 +145,16 @@ def create_job(body: JobCreate, request: Request, session: SessionDep, tenant: C
                                 "this service can fine-tune.", param="model",
                            code="model_not_found")
         spec = _training_spec(body)
+        # None: the built-in model (which the worker loads whatever DRIFTSAFE_MODELS says)
+        model_dir = None if body.model == BUILTIN_MODEL_ID else settings.models.get(body.model)
+        _check_tied_embeddings(spec, body.model, model_dir)
         scoped = Scoped(session, tenant)
         found, active = _training_file_and_active_jobs(session, tenant, body.training_file)
         training = _checked_file(found, body.training_file, "training_file")
         _file_for(scoped, body.validation_file, "validation_file")
         _file_for(scoped, body.evaluation.known_facts_file, "evaluation.known_facts_file",
                   qa_only=True)
-        steps = _planned_steps(spec, training.lines, settings)
+        steps = _planned_steps(spec, training.lines, settings, model_dir)
         _check_running_quota(active, settings)
         # Every column the response shows is set here, so the rows are written once, at commit.
         job = Job(id=new_id("ftjob-"), created_at=now(), tenant_id=tenant.id, model=body.model,
