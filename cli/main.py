@@ -54,7 +54,7 @@ def _bench(sub) -> None:
     paper.add_argument("--json", help="write the rows here too")
     paper.add_argument("--lora", action="store_true", help="add LoRA rows")
     paper.set_defaults(func=_lazy("bench.paper", "main"))
-    speed = bsub.add_parser("speed", help="our loop vs HF Trainer, SD cost, scoring speed")
+    speed = bsub.add_parser("speed", help="our loop vs HF Trainer and TRL, SD cost, scoring speed")
     speed.add_argument("--json", help="write the figures here too")
     speed.add_argument("--steps", type=int, default=60)
     speed.set_defaults(func=_lazy("bench.speed", "main"))
