@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -29,6 +30,8 @@ def env_for(settings) -> dict:
         env["DRIFTSAFE_DATABASE_URL"] = settings.database_url
     if settings.broker_url:
         env["DRIFTSAFE_BROKER_URL"] = settings.broker_url
+    if settings.models:  # registered base models: the API lists them, workers load them
+        env["DRIFTSAFE_MODELS"] = json.dumps(settings.models)
     # recovery timings travel to every process, so tests can use short ones
     env["DRIFTSAFE_HEARTBEAT_SECONDS"] = str(settings.heartbeat_seconds)
     env["DRIFTSAFE_STALE_AFTER_SECONDS"] = str(settings.stale_after_seconds)
