@@ -16,7 +16,10 @@ matched to SD's pull (`trainer.anchor`); and driftsafe's own levers, which the p
   sd_ramp           lambda rising linearly from 0.5 to 4 over the run: learn first, then hold;
   sd_known_anchor   lambda 4 on the examples the base already answers (the teacher is right there)
                     and 1 on the new facts (where the teacher's answer is the old one);
-  sd_short          lambda 2 over 8 epochs instead of 20: less time to drift.
+  sd_short          lambda 2 over 8 epochs instead of 20: less time to drift;
+  sd_soft_teacher   tau 2 instead of 0.5 and lambda 0.5: the teacher's whole distribution over
+                    answers (its "dark knowledge"), not just its top answer, holds the student.
+                    The `drift_safe` preset is this, stopped at the first qualifying checkpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def configurations(seed: int, epochs: int = EPOCHS) -> list[tuple[str, TrainSpec
         ("sd_known_anchor", _spec(sd, seed, epochs, distill_weight=4.0,
                                   distill_weight_new_facts=1.0)),
         ("sd_short", _spec(sd, seed, max(2, epochs * 2 // 5), every=2, distill_weight=2.0)),
+        ("sd_soft_teacher", _spec(sd, seed, epochs, distill_weight=0.5, distill_temperature=2.0)),
     ]
 
 

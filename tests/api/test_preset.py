@@ -36,7 +36,8 @@ def test_explicit_fields_win_over_the_preset(client, alice):
     job = r.json()
     hp = job["method"]["self_distillation"]["hyperparameters"]
     assert hp["distill_weight"] == 1.5 and hp["n_epochs"] == 7
-    assert hp["distill_weight_new_facts"] == _DRIFT_SAFE["lora"]["distill_weight_new_facts"]
+    assert hp["distill_temperature"] == _DRIFT_SAFE["lora"]["distill_temperature"]
+    assert hp["stop_at_new_fact_accuracy"] == _DRIFT_SAFE["lora"]["stop_at_new_fact_accuracy"]
     assert job["evaluation"]["eval_every_n_epochs"] == 5
 
 
