@@ -36,6 +36,7 @@ from trainer.spec import TrainSpec
 EPOCHS, BATCH, LR, EVERY = 20, 32, 1e-3, 2
 SCHEDULE = {"lr_scheduler": "cosine", "warmup_ratio": 0.05}
 SHARE_OF_SFT = 0.95
+PRESET_CONFIG = "sd_soft_teacher"  # drawn in black: the recipe trainer/presets.py serves
 
 
 def _spec(method: str, seed: int, epochs: int = EPOCHS, every: int = EVERY, **hp) -> TrainSpec:
@@ -175,12 +176,16 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")
     for i, row in enumerate(result["configs"]):
         xs = [100 * p["forgetting"] for p in row["checkpoints"]]
         ys = [100 * p["new_fact_accuracy"] for p in row["checkpoints"]]
-        ax.plot(xs, ys, marker="o", ms=3.5, lw=1.4, color=cmap(i % 20), label=row["config"])
-        ax.annotate("end", (xs[-1], ys[-1]), fontsize=6, color=cmap(i % 20),
+        preset = row["config"] == PRESET_CONFIG
+        color = "black" if preset else cmap(i % 10)
+        ax.plot(xs, ys, marker="o", ms=3.5, lw=2.6 if preset else 1.4, color=color,
+                ls="-" if preset or i < 10 else "--",
+                label=f"{row['config']} (the drift_safe preset)" if preset else row["config"])
+        ax.annotate("end", (xs[-1], ys[-1]), fontsize=6, color=color,
                     xytext=(3, -8), textcoords="offset points")
     ax.axvline(1.0, color="black", ls="--", lw=1, label="1-point forgetting target")
     ax.axhline(100 * result["new_fact_floor"], color="grey", ls=":", lw=1,
