@@ -82,10 +82,20 @@ WEBHOOK_URL_PATTERN = (rf"^https?://(?:(?:{_LABEL}\.)*{_TOP_LABEL}|{_OCTET}(?:\.
 
 
 class JobCreate(BaseModel):
-    # `hyperparameters` is the older form of `method`: both at once is refused (jobs route).
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"not": {
-        "required": ["hyperparameters", "method"],
-        "properties": {"hyperparameters": {"type": "object"}, "method": {"type": "object"}}}})
+    # `hyperparameters` is the older form of `method`: both at once is refused (jobs route), and
+    # so is either beside a preset that is not a self_distillation method (trainer.presets).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
+        {"not": {"required": ["hyperparameters", "method"],
+                 "properties": {"hyperparameters": {"type": "object"},
+                                "method": {"type": "object"}}}},
+        {"not": {"required": ["hyperparameters", "preset"],
+                 "properties": {"hyperparameters": {"type": "object"},
+                                "preset": {"type": "string"}}}},
+        {"if": {"required": ["preset", "method"],
+                "properties": {"preset": {"type": "string"}, "method": {"type": "object"}}},
+         "then": {"properties": {"method": {"properties": {
+             "type": {"const": "self_distillation"}}}}}},
+    ]})
 
     model: str = Field(..., min_length=1, max_length=200)
     training_file: FileRef
