@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from trainer.losses import distillation_kl, logits_at, loss_positions
+from trainer.losses import logits_at
 
 
 def pull_diagnostics(run, anchor: list[torch.Tensor], batches: int = 8) -> dict:
     """{"distill_grad_norm", "weight_displacement", "matched_weight_anchor"} for a finished
     self-distillation `_Run` whose starting parameters are `anchor`."""
-    hp = run.hp
     params = [p for p in run.model.parameters() if p.requires_grad]
     displacement = float(torch.sqrt(sum((p.detach() - p0).pow(2).sum()
                                         for p, p0 in zip(params, anchor))))
@@ -31,16 +30,11 @@ def pull_diagnostics(run, anchor: list[torch.Tensor], batches: int = 8) -> dict:
     for b in range(min(batches, run.steps_per_epoch)):
         rows = run._batch_indices(b)
         batch = run._batch(rows)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        where = (mask[:, 1:].bool() if hp.distill_positions == "all"
-                 else loss_positions(batch["labels"]))
+        _, where = run._loss_positions(batch)
         with torch.no_grad():
-            t_logits = run.teacher.logits_at(ids, mask, where)
-        lam = run._distill_weight(run.total_steps - 1, rows, where)
-        per_position = isinstance(lam, torch.Tensor)
-        kl = distillation_kl(logits_at(run.model, ids, mask, where), t_logits,
-                             hp.distill_temperature, weights=lam if per_position else None)
-        term = kl if per_position else lam * kl
+            t_logits = run._teacher_logits(batch, where)
+        logits = logits_at(run.model, batch["input_ids"], batch["attention_mask"], where)
+        term, _ = run._distill_term(logits, t_logits, rows, run.total_steps - 1, where)
         grads = torch.autograd.grad(term, params, allow_unused=True)
         norms.append(float(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None))))
     run.model.train(was_training)

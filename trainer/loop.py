@@ -267,14 +267,35 @@ class _Run:
         return 0.5 * self.hp.weight_anchor * sum(
             (p - p0).pow(2).sum() for p, p0 in zip(params, self.start))
 
+    def _loss_positions(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(answer, where): the CE's positions, and those the forward runs the LM head at — the
+        KL's, a superset of the answer's."""
+        answer = loss_positions(batch["labels"])
+        kl_all = self.teacher is not None and self.hp.distill_positions == "all"
+        return answer, batch["attention_mask"][:, 1:].bool() if kl_all else answer
+
+    def _teacher_logits(self, batch, where: torch.Tensor) -> torch.Tensor | None:
+        """The live teacher's logits at `where`; None when the teacher cache answers instead."""
+        if self.teacher is None or self.teacher_cache is not None:
+            return None
+        return self.teacher.logits_at(batch["input_ids"], batch["attention_mask"], where)
+
+    def _distill_term(self, logits, t_logits, rows: list[int], step: int, where
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the lambda-weighted KL the loss adds, the KL as reported: weighted per position
+        where lambda differs by example)."""
+        hp: SelfDistillationHyperparameters = self.hp  # type: ignore[assignment]
+        lam = self._distill_weight(step, rows, where)
+        per_position = isinstance(lam, torch.Tensor)  # then the KL comes out weighted
+        weights = lam if per_position else None
+        kl = (self.teacher_cache.kl(logits, rows, weights) if t_logits is None else
+              distillation_kl(logits, t_logits, hp.distill_temperature, weights=weights))
+        return (kl if per_position else lam * kl), kl
+
     def _loss(self, batch, rows: list[int], step: int) -> tuple[torch.Tensor, dict]:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        answer = loss_positions(labels)
-        kl_all = self.teacher is not None and self.hp.distill_positions == "all"
-        where = mask[:, 1:].bool() if kl_all else answer  # CE positions are a subset of these
-        cached = self.teacher_cache is not None
-        if self.teacher is not None and not cached:  # first: its activations go before ours
-            t_logits = self.teacher.logits_at(ids, mask, where)
+        answer, where = self._loss_positions(batch)  # CE positions are a subset of `where`
+        t_logits = self._teacher_logits(batch, where)  # first: its activations go before ours
         logits = logits_at(self.model, ids, mask, where)
         ce_rows = answer[where]
         ce = ce_sum(logits[ce_rows], labels[:, 1:][answer]) / max(1, int(answer.sum()))
@@ -284,13 +305,8 @@ class _Run:
             loss = loss + penalty
             parts["anchor_loss"] = float(penalty.detach())
         if self.teacher is not None:
-            hp: SelfDistillationHyperparameters = self.hp  # type: ignore[assignment]
-            lam = self._distill_weight(step, rows, where)
-            per_position = isinstance(lam, torch.Tensor)  # then the KL comes out weighted
-            weights = lam if per_position else None
-            kl = (self.teacher_cache.kl(logits, rows, weights) if cached else
-                  distillation_kl(logits, t_logits, hp.distill_temperature, weights=weights))
-            loss = loss + (kl if per_position else lam * kl)
+            term, kl = self._distill_term(logits, t_logits, rows, step, where)
+            loss = loss + term
             parts |= {"ce_loss": float(ce.detach()), "distill_loss": float(kl.detach())}
         return loss, {"train_loss": float(loss.detach()), **parts}
 
