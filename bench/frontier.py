@@ -30,20 +30,21 @@ import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from bench.paper import LR_LORA
+from bench.paper import _spec as paper_spec
 from trainer.data import load_examples
-from trainer.spec import TrainSpec
+from trainer.spec import EvaluationSpec, TrainSpec
 
-EPOCHS, BATCH, LR, EVERY = 20, 32, 1e-3, 2
-SCHEDULE = {"lr_scheduler": "cosine", "warmup_ratio": 0.05}
+EPOCHS, EVERY = 20, 2
+LR = LR_LORA
 SHARE_OF_SFT = 0.95
 PRESET_CONFIG = "sd_soft_teacher"  # drawn in black: the recipe trainer/presets.py serves
 
 
 def _spec(method: str, seed: int, epochs: int = EPOCHS, every: int = EVERY, **hp) -> TrainSpec:
-    hp = {"n_epochs": epochs, "batch_size": BATCH, "learning_rate": LR, **SCHEDULE, **hp}
-    return TrainSpec.model_validate({
-        "method": {"type": method, method: {"hyperparameters": hp}}, "adapter": {"type": "lora"},
-        "evaluation": {"eval_every_n_epochs": every}, "seed": seed})
+    """The paper table's LoRA recipe (bench.paper), over `epochs`, scored every `every` epochs."""
+    spec = paper_spec(method, adapter="lora", lr=LR, seed=seed, n_epochs=epochs, **hp)
+    return spec.model_copy(update={"evaluation": EvaluationSpec(eval_every_n_epochs=every)})
 
 
 def configurations(seed: int, epochs: int = EPOCHS) -> list[tuple[str, TrainSpec]]:
