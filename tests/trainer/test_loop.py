@@ -146,22 +146,28 @@ def test_lora_leaves_base_weights_untouched_and_adapter_reloads_exactly(
     assert right == pytest.approx(result.report["heldout_known_accuracy"])
 
 
-def test_resume_from_checkpoint_equals_an_uninterrupted_run(builtin_world, builtin_examples,
-                                                           tmp_path):
-    s = spec("self_distillation", epochs=2, batch=16).model_copy(
-        update={"checkpoint_every_n_steps": 2})
-    whole = train(job(builtin_world, builtin_examples, tmp_path / "whole", s, slick=None))
+def whole_cut_and_resumed(world, examples, tmp_path, s):
+    """The run of `s` uninterrupted; the same run cancelled after 3 steps; and its resumption."""
+    whole = train(job(world, examples, tmp_path / "whole", s, slick=None))
     calls = {"n": 0}
 
     def stop_after_three():
         calls["n"] += 1
         return calls["n"] > 3
 
-    cut = train(job(builtin_world, builtin_examples, tmp_path / "cut", s, slick=None),
+    cut = train(job(world, examples, tmp_path / "cut", s, slick=None),
                 Callbacks(should_stop=stop_after_three))
     assert cut.status == "cancelled" and cut.step == 3
+    resumed = train(job(world, examples, tmp_path / "cut", s, slick=None))
+    return whole, cut, resumed
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(builtin_world, builtin_examples,
+                                                           tmp_path):
+    s = spec("self_distillation", epochs=2, batch=16).model_copy(
+        update={"checkpoint_every_n_steps": 2})
+    whole, cut, resumed = whole_cut_and_resumed(builtin_world, builtin_examples, tmp_path, s)
     assert cut.checkpoints[-1].step == 3  # cancelling keeps the last completed step
-    resumed = train(job(builtin_world, builtin_examples, tmp_path / "cut", s, slick=None))
     assert resumed.status == "succeeded"
     assert cut.losses + resumed.losses == whole.losses
     from safetensors.torch import load_file

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.trainer.test_loop import job, spec
-from trainer.loop import Callbacks, _Run, train
+from tests.trainer.test_loop import job, spec, whole_cut_and_resumed
+from trainer.loop import Callbacks, _Run
 from trainer.losses import distillation_kl, logits_at, loss_positions
 
 
@@ -154,17 +154,7 @@ def test_a_resumed_run_with_the_cache_equals_an_uninterrupted_one(builtin_world,
                                                                   builtin_examples, tmp_path):
     s = spec("self_distillation", epochs=2, teacher="format_warmup", distill_positions="all",
              teacher_cache="exact").model_copy(update={"checkpoint_every_n_steps": 2})
-    whole = train(job(builtin_world, builtin_examples, tmp_path / "whole", s, slick=None))
-    calls = {"n": 0}
-
-    def stop_after_three():
-        calls["n"] += 1
-        return calls["n"] > 3
-
-    cut = train(job(builtin_world, builtin_examples, tmp_path / "cut", s, slick=None),
-                Callbacks(should_stop=stop_after_three))
-    assert cut.status == "cancelled" and cut.step == 3
-    resumed = train(job(builtin_world, builtin_examples, tmp_path / "cut", s, slick=None))
+    whole, cut, resumed = whole_cut_and_resumed(builtin_world, builtin_examples, tmp_path, s)
     assert cut.losses + resumed.losses == whole.losses  # bit for bit: the cache is recomputed
 
 
