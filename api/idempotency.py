@@ -7,9 +7,12 @@ waits on the unique (tenant, key) index until the first commits, then replays it
 PostgreSQL the second INSERT blocks on the first's uncommitted row; SQLite serialises writers).
 
 The unit of work is this object's: `produce` stages rows on the request's session without
-committing; `run` commits once and then calls what `produce` registered with `after_commit`
-(e.g. sending the job's wake-up message) or, if the commit failed, `on_rollback` (e.g. deleting a
-file already written to the artifact store).
+committing (ORM objects, or plain rows with `insert`); `run` commits once and then calls what
+`produce` registered with `after_commit` (e.g. sending the job's wake-up message) or, if the commit
+failed, `on_rollback` (e.g. deleting a file already written to the artifact store). Work that only
+reads and stages plain rows (a job's creation) says so with `reads_then_inserts`: on PostgreSQL its
+reads then run in autocommit and its rows, the record among them, are one atomic INSERT
+(`store.writes`), the least a keyed creation can cost.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from api.deps import CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from store.models import IdempotencyRecord
+from store.writes import Row, begin_autocommit, insert_together, one_statement
 
 MAX_KEY_LENGTH = 255
 SECRET_FIELDS = ("secret",)  # shown once, when made: never kept in a stored response
@@ -59,6 +63,7 @@ class Idempotency:
         self.route = f"{request.method} {request.url.path}"
         self._after: list[Callable[[], None]] = []
         self._undo: list[Callable[[], None]] = []
+        self._rows: list[Row] = []
         if self.key is not None and not (1 <= len(self.key) <= MAX_KEY_LENGTH
                                          and self.key.isprintable()):
             raise APIError(400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable "
@@ -70,6 +75,10 @@ class Idempotency:
 
     def on_rollback(self, fn: Callable[[], None]) -> None:
         self._undo.append(fn)
+
+    def insert(self, model: type, values: dict) -> None:
+        """Stage a plain row (every column given), written with the others at commit."""
+        self._rows.append((model, values))
 
     def _find(self) -> IdempotencyRecord | None:
         return self.session.scalar(RECORD_BY_KEY, {"tenant_id": self.tenant_id, "key": self.key})
@@ -91,10 +100,12 @@ class Idempotency:
         return found.state == "done" and found.created_at >= time.time() - self.ttl_s
 
     def run(self, body_fingerprint: object, produce: Callable[[], JSONResponse], *,
-            look_first: bool = False) -> Response:
+            look_first: bool = False, reads_then_inserts: bool = False) -> Response:
         """Produce and commit the response with its record. A key already used is found when its
         record's INSERT meets the unique index: almost every key is new, so there is no lookup
-        first unless `look_first` (for work too costly to do just to throw away: an upload)."""
+        first unless `look_first` (for work too costly to do just to throw away: an upload).
+        `reads_then_inserts`: `produce` only reads and stages rows with `insert`."""
+        autocommit = reads_then_inserts and one_statement(self.session)
         fp = fingerprint(self.route, body_fingerprint) if self.key is not None else None
         if look_first and self.key is not None:
             found = self._find()
@@ -103,7 +114,9 @@ class Idempotency:
                 return self._replay(found, fp)
         freed = False
         while True:  # a second pass only after freeing an expired key
-            self._after, self._undo = [], []
+            self._after, self._undo, self._rows = [], [], []
+            if autocommit:
+                begin_autocommit(self.session)
             try:
                 response = produce()
             except APIError as e:
@@ -125,10 +138,12 @@ class Idempotency:
                 raise
             try:
                 if self.key is not None:
-                    self.session.add(IdempotencyRecord(
+                    self._rows.append((IdempotencyRecord, dict(
                         tenant_id=self.tenant_id, key=self.key, fingerprint=fp, state="done",
                         status_code=response.status_code,
-                        response=_storable(json.loads(response.body)), created_at=time.time()))
+                        response=_storable(json.loads(response.body)), created_at=time.time())))
+                if self._rows:
+                    insert_together(self.session, self._rows)
                 self.session.commit()
             except IntegrityError:
                 self._rollback()

@@ -20,7 +20,15 @@ from collections.abc import Iterable
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from store.models import Job, JobEvent, WebhookDelivery, WebhookEndpoint, by_public_id, now
+from store.models import (
+    Job,
+    JobEvent,
+    WebhookDelivery,
+    WebhookEndpoint,
+    by_public_id,
+    new_id,
+    now,
+)
 
 
 class JobStatus(enum.StrEnum):
@@ -65,8 +73,14 @@ def transition(session: Session, job_id: str, to: JobStatus, *, leaving: Iterabl
 
 def add_event(session: Session, job: Job, message: str, *, level: str = "info",
               type: str = "message", data: dict | None = None) -> None:
-    session.add(JobEvent(tenant_id=job.tenant_id, job_id=job.id, level=level, message=message,
-                         type=type, data=data))
+    session.add(JobEvent(**event_values(job, message, level=level, type=type, data=data)))
+
+
+def event_values(job: Job, message: str, *, level: str = "info", type: str = "message",
+                 data: dict | None = None) -> dict:
+    """An event row's every column (a plain row for `store.writes` has no defaults applied)."""
+    return dict(id=new_id("ftevent-"), created_at=now(), tenant_id=job.tenant_id, job_id=job.id,
+                level=level, message=message, type=type, data=data)
 
 
 def enqueue_webhooks(session: Session, job: Job) -> None:

@@ -107,7 +107,8 @@ def send_wake_ups(send: Callable[[str, float], bool], sessions, settings: Settin
     if sent:
         with sessions() as s:
             s.execute(update(Job).where(Job.id.in_(sent), Job.status == JobStatus.QUEUED)
-                      .values(enqueued_at=time.time()))
+                      .values(enqueued_at=time.time())
+                      .execution_options(synchronize_session=False))  # no objects to refresh
             s.commit()
     return sent
 

@@ -26,7 +26,7 @@ from api.schemas import (
     metadata_filters,
 )
 from api.tenancy import Scoped, list_body
-from store.jobstate import ACTIVE, JobStatus, add_event, transition
+from store.jobstate import ACTIVE, JobStatus, add_event, event_values, transition
 from store.models import Checkpoint, Job, JobEvent, StoredFile, by_public_id, new_id, now
 from trainer.modelfacts import (
     TiedEmbeddingsError,
@@ -63,7 +63,8 @@ def _training_spec(body: JobCreate) -> TrainSpec:
                      seed=body.seed if body.seed is not None else int(time.time()) % 2**31)
 
 
-def _checked_file(row: StoredFile | None, file_id: str, param: str, *, qa_only: bool = False):
+def _checked_file(row, file_id: str, param: str, *, qa_only: bool = False):
+    """`row`: a StoredFile, or a row of its purpose, lines and qa_only; None if not found."""
     if row is None:
         raise APIError(400, f"No file with id '{file_id}' (upload it with purpose fine-tune).",
                        param=param, code="invalid_file")
@@ -117,15 +118,19 @@ def _planned_steps(spec: TrainSpec, examples: int, settings, model_dir: str | No
 
 ACTIVE_JOBS = (select(func.count()).select_from(Job)  # built once: every creation runs it
                .where(Job.tenant_id == bindparam("tenant_id"), Job.status.in_(ACTIVE)))
-# Every creation reads its training file and the tenant's active-job count: one round trip.
-TRAINING_FILE_AND_ACTIVE_JOBS = select(StoredFile, ACTIVE_JOBS.scalar_subquery()).where(
-    StoredFile.tenant_id == bindparam("tenant_id"), StoredFile.id == bindparam("id"))
+# Every creation reads its training file and the tenant's active-job count: one round trip,
+# of the columns the checks use only (a row, not an ORM object: no identity map, no instance).
+TRAINING_FILE_AND_ACTIVE_JOBS = select(
+    StoredFile.purpose, StoredFile.lines, StoredFile.qa_only,
+    ACTIVE_JOBS.scalar_subquery().label("active"),
+).where(StoredFile.tenant_id == bindparam("tenant_id"), StoredFile.id == bindparam("id"))
 
 
-def _training_file_and_active_jobs(session, tenant, file_id: str) -> tuple[StoredFile | None, int]:
+def _training_file_and_active_jobs(session, tenant, file_id: str):
+    """(the training file's purpose, lines and qa_only, or None; the tenant's active jobs)."""
     found = session.execute(TRAINING_FILE_AND_ACTIVE_JOBS,
                             {"tenant_id": tenant.id, "id": file_id}).first()
-    return (found[0], found[1]) if found else (None, 0)
+    return (found, found.active) if found else (None, 0)
 
 
 def _check_running_quota(active: int, settings) -> None:
@@ -156,20 +161,24 @@ def create_job(body: JobCreate, request: Request, session: SessionDep, tenant: C
                   qa_only=True)
         steps = _planned_steps(spec, training.lines, settings, model_dir)
         _check_running_quota(active, settings)
-        # Every column the response shows is set here, so the rows are written once, at commit.
-        job = Job(id=new_id("ftjob-"), created_at=now(), tenant_id=tenant.id, model=body.model,
-                  training_file=body.training_file, validation_file=body.validation_file,
-                  known_facts_file=body.evaluation.known_facts_file,
-                  spec=spec.model_dump(mode="json"), suffix=body.suffix,
-                  job_metadata=body.metadata, status=JobStatus.QUEUED, total_steps=steps,
-                  enqueued_at=None, cancel_requested=False, result_files=[])
-        session.add(job)
-        add_event(session, job, f"Created fine-tuning job: {job.id}")
+        # Plain rows with every column given: with the event and the idempotency record they
+        # are one atomic INSERT at commit (store.writes); `job` only shapes the response.
+        values = dict(id=new_id("ftjob-"), created_at=now(), tenant_id=tenant.id,
+                      model=body.model, training_file=body.training_file,
+                      validation_file=body.validation_file,
+                      known_facts_file=body.evaluation.known_facts_file,
+                      spec=spec.model_dump(mode="json"), suffix=body.suffix,
+                      job_metadata=body.metadata, status=JobStatus.QUEUED.value,
+                      total_steps=steps, cancel_requested=False, result_files=[], attempts=0,
+                      lost_without_progress=0)
+        job = Job(**values)
+        idem.insert(Job, values)
+        idem.insert(JobEvent, event_values(job, f"Created fine-tuning job: {job.id}"))
         # The row is committed first: the message only wakes a worker, which reads the row.
         idem.after_commit(lambda: request.app.state.wakeups.submit(job.id, steps))
         return JSONResponse(job_object(job))
 
-    return idem.run(body.model_dump(mode="json"), produce)
+    return idem.run(body.model_dump(mode="json"), produce, reads_then_inserts=True)
 
 
 @router.get("/jobs", response_model=ListOf, summary="List fine-tuning jobs",
