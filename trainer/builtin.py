@@ -202,11 +202,22 @@ def cache_root() -> Path:
     return Path(cache) / "driftsafe" / "worlds"
 
 
+def _world_dir(build: BuildConfig, root: Path | None) -> Path:
+    root = Path(root) if root else cache_root()
+    return root / f"{MODEL_ID}-seed{build.world.seed}-{build.key()}"
+
+
+def world_dir_if_built(build: BuildConfig, root: Path | None = None) -> Path | None:
+    """The directory of a finished build in the cache, or None (nothing is built)."""
+    final = _world_dir(build, root)
+    return final if (final / "world.json").exists() else None
+
+
 def ensure_world(build: BuildConfig = BuildConfig(), root: Path | None = None, log=print) -> Path:
     """The directory of a built world, building it first if no finished build is cached."""
-    root = Path(root) if root else cache_root()
+    final = _world_dir(build, root)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{MODEL_ID}-seed{build.world.seed}-{build.key()}"
     if (final / "world.json").exists():
         return final
     with open(root / f".{final.name}.lock", "w") as lock:

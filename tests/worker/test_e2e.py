@@ -205,6 +205,9 @@ def test_cancel_mid_training_keeps_a_checkpoint(service):
     assert step_at_cancel <= last <= step_at_cancel + 20 < 200
 
 
+# Embedded only: on Redis + PostgreSQL, tests/faults/test_worker_kills.py kills the worker ten
+# times on one job, which covers this one-kill case there.
+@pytest.mark.parametrize("stack", ["embedded"], indirect=True)
 def test_sigkilled_worker_job_resumes_and_succeeds_once(service):
     client = service["client"]
     first = Worker(service["settings"], service["tmp"] / "worker1.log", name="w1")
