@@ -52,8 +52,12 @@ def test_accumulated_micro_batches_equal_the_whole_batch(method, adapter, zoo_di
     split, split_losses = trained(model_dir, zoo_data, tmp_path / "b",
                                   spec(method, adapter, micro_batch_tokens=64))
     assert whole_losses == pytest.approx(split_losses, rel=1e-5)
+    # Adam moves each weight by about +-lr whatever its gradient's size, so a gradient within
+    # float noise of zero (summed in another order when split) may flip its weight's step: allow
+    # two such weights in a tensor, never a shifted tensor.
     for name, value in whole.items():
-        assert torch.allclose(value, split[name], atol=1e-6, rtol=1e-4), name
+        off = ~torch.isclose(value, split[name], atol=1e-6, rtol=1e-4)
+        assert int(off.sum()) <= 2, (name, int(off.sum()), off.numel())
 
 
 def test_the_budget_really_splits_the_batch(zoo_dir, zoo_data, tmp_path):
