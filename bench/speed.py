@@ -113,7 +113,8 @@ def peak_memory_of_step(world: Path, method: str, **hp) -> dict:
 def scoring(world: Path, n: int = 1000, loop_n: int = 100) -> dict:
     """Batched scoring of `n` held-out facts vs `generate()` one prompt at a time (on loop_n)."""
     from trainer.loop import load_base
-    from trainer.scoring import accuracy, encode_prompt
+    from trainer.scoring import accuracy
+    from trainer.tokenize import encode_prompt
 
     tokenizer, model = load_base(world / "model", torch.device("cpu"), torch.float32)
     model.eval()

@@ -25,13 +25,23 @@ def pad_id_of(tokenizer) -> int:
         tokenizer.eos_token_id
 
 
-def answer_budget(tokenizer, answers: Iterable[str], margin: int = ANSWER_MARGIN_TOKENS) -> int:
-    """Tokens the longest accepted answer takes, its end-of-turn marker included, plus `margin`."""
-    texts = [" " + a + turn_suffix(tokenizer) for a in answers]
-    if not texts:
-        return margin
-    lengths = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return max(len(x) for x in lengths) + margin
+def answer_lengths(tokenizer, answers: Iterable[str]) -> dict[str, int]:
+    """Tokens each answer takes, its end-of-turn marker included (one tokenizer call)."""
+    unique = list(dict.fromkeys(answers))
+    if not unique:
+        return {}
+    suffix = turn_suffix(tokenizer)
+    ids = tokenizer([" " + a + suffix for a in unique], add_special_tokens=False)["input_ids"]
+    return {a: len(x) for a, x in zip(unique, ids)}
+
+
+def answer_budget(tokenizer, answers: Iterable[str], margin: int = ANSWER_MARGIN_TOKENS,
+                  lengths: dict[str, int] | None = None) -> int:
+    """Tokens the longest accepted answer takes, its end-of-turn marker included, plus `margin`
+    (`lengths`: `answer_lengths` already counted, for many batches at once)."""
+    answers = list(answers)
+    lengths = lengths if lengths is not None else answer_lengths(tokenizer, answers)
+    return max((lengths[a] for a in answers), default=0) + margin
 
 
 def greedy_config(tokenizer, max_new_tokens: int):

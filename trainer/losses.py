@@ -35,13 +35,16 @@ def _has_plain_lm_head(model) -> bool:
 
 
 def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              where: torch.Tensor) -> torch.Tensor:
-    """Next-token logits [N, V] at the positions `where` ([B, T-1] bool), in row-major order."""
+              where: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+    """Next-token logits [N, V] at the positions `where` ([B, T-1] bool, or [B, T] where the last
+    position counts too), in row-major order. `forward_kwargs` go to the model (a KV cache)."""
+    width = where.size(1)
     if _has_plain_lm_head(model):
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return model.get_output_embeddings()(hidden[:, :-1][where])
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return logits[:, :-1][where]
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     **forward_kwargs)[0]
+        return model.get_output_embeddings()(hidden[:, :width][where])
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
+    return logits[:, :width][where]
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

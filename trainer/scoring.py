@@ -5,6 +5,10 @@ tokenizer's chat template and a generation prompt, exactly as a user of a downlo
 ask it. Answers are compared after SQuAD-style normalisation against every accepted answer: the
 whole answer (`exact`, the default), or its first line starting with (`prefix`) or containing
 (`contains`) one, for chat models that answer in sentences.
+
+Most greedy answers are an accepted answer's exact tokens, so `greedy_answers` first checks
+those in one teacher-forced pass (`trainer.verification`) and generates only what that cannot
+settle; every answer is generation's either way.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from collections.abc import Sequence
 import torch
 
 from trainer.data import Example, parse_line
-from trainer.tokenize import IGNORE, encode_example, encode_prompt
+from trainer.templates import render_many
+from trainer.tokenize import IGNORE, encode_example
 from trainer.vocab_chunks import TopLogprobs, mean_kl_top, top_logprobs
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -43,31 +48,51 @@ def model_device(model) -> torch.device:
 
 
 def greedy_answers(model, tokenizer, facts, *, batch_size: int = 256,
-                   max_new_tokens: int | None = None, margin: int | None = None) -> list[str]:
+                   max_new_tokens: int | None = None, margin: int | None = None,
+                   verify: bool = True) -> list[str]:
     """Greedy answers for many prompts: left-padded batches, longest first, one `generate` each.
 
     Decoding settings are explicit (`trainer.generation`); `max_new_tokens` defaults to the
-    longest accepted answer of the batch plus a margin.
+    longest accepted answer of the batch plus a margin. With `verify`, answers one teacher-forced
+    pass proves greedy (`trainer.verification`) are not generated: their batches generate only
+    the rest. `verify=False` generates every answer (the reference the fast path is tested
+    against).
     """
-    from trainer.generation import answer_budget, generate_greedy
+    from trainer.generation import answer_budget, answer_lengths, generate_greedy
+    from trainer.verification import forced_answer_ids, verified_answers
 
     examples = _as_examples(facts)
-    prompts = [encode_prompt(tokenizer, ex.prompt_messages) for ex in examples]
+    texts = render_many(tokenizer, [ex.prompt_messages for ex in examples],
+                        add_generation_prompt=True)
+    # encode_prompt of each, in one tokenizer call
+    prompts = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
+    batches = [order[b: b + batch_size] for b in range(0, len(order), batch_size)]
+    lengths = answer_lengths(tokenizer, [a for ex in examples for a in ex.answers])
+    budgets = [max_new_tokens or answer_budget(
+        tokenizer, {a for i in idx for a in examples[i].answers}, lengths=lengths,
+        **({"margin": margin} if margin is not None else {})) for idx in batches]
     device = model_device(model)
     was_training = model.training
     model.eval()
-    for b in range(0, len(order), batch_size):
-        idx = order[b: b + batch_size]
-        budget = max_new_tokens or answer_budget(
-            tokenizer, {a for i in idx for a in examples[i].answers},
-            **({"margin": margin} if margin is not None else {}))
-        got = generate_greedy(model, tokenizer, [prompts[i] for i in idx], budget, device)
-        for i, answer in zip(idx, got):
-            answers[i] = answer
+    answers: list[str | None] = [None] * len(examples)
+    if verify:
+        unique = list(lengths)  # every accepted answer, once
+        forced = dict(zip(unique, forced_answer_ids(tokenizer, unique)))
+        candidates = [[forced[a] for a in dict.fromkeys(ex.answers) if forced[a]]
+                      for ex in examples]
+        budget_of = {i: budget for idx, budget in zip(batches, budgets) for i in idx}
+        answers = verified_answers(model, tokenizer, prompts, candidates,
+                                   [budget_of[i] for i in range(len(examples))], device,
+                                   batch_size)
+    for idx, budget in zip(batches, budgets):
+        rest = [i for i in idx if answers[i] is None]
+        if rest:
+            got = generate_greedy(model, tokenizer, [prompts[i] for i in rest], budget, device)
+            for i, answer in zip(rest, got):
+                answers[i] = answer
     model.train(was_training)
-    return answers
+    return [a or "" for a in answers]
 
 
 MATCHES = ("exact", "prefix", "contains")

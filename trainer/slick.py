@@ -19,9 +19,9 @@ Per variant we need "is the greedy answer right?" and "is any of `n_samples` sam
     and judged by `trainer.scoring.is_correct` — the job's matcher (`evaluation.match`:
     normalised exact by default, or prefix / contains) against every accepted answer
     (`Example.answers`), the same judge as the service's accuracy figures. A
-    teacher-forced argmax check would be cheaper but only sees the exact token sequences of the
-    accepted answers, not every string that normalises to one of them; on the built-in model,
-    generation costs no more than that forward pass (answers are a few tokens).
+    teacher-forced argmax check settles the variants whose greedy answer is exactly an accepted
+    answer's tokens; the rest are generated, so a string that only normalises to an accepted
+    answer still counts.
   - Samples, teacher-forced with no generation: for each accepted answer a, one sample equals a's
     tokens (end-of-turn included) with probability p_a = prod softmax(z / T)[token]. Distinct
     complete token sequences are disjoint outcomes, so one sample is one of the accepted answers

@@ -46,11 +46,31 @@ def render(tokenizer, messages, *, add_generation_prompt: bool) -> str:
                                          chat_template=template_of(tokenizer))
 
 
+def render_many(tokenizer, conversations, *, add_generation_prompt: bool) -> list[str]:
+    """`render` for many conversations in one call: per-call overhead is most of its cost."""
+    if not conversations:
+        return []
+    return tokenizer.apply_chat_template([list(m) for m in conversations], tokenize=False,
+                                         add_generation_prompt=add_generation_prompt,
+                                         chat_template=template_of(tokenizer))
+
+
 def turn_suffix(tokenizer) -> str:
     """The text the template writes after an assistant message's content (end-of-turn marker)."""
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _PROBE_ANSWER}]
     text = render(tokenizer, msgs, add_generation_prompt=False)
     return text[text.index(_PROBE_ANSWER) + len(_PROBE_ANSWER):]
+
+
+def answer_lead(tokenizer) -> str:
+    """The text the template writes between the generation prompt and an assistant message's
+    content: '' for most, a space for the plain QA template ("Answer:" then " Paris")."""
+    msgs = [{"role": "user", "content": "q"}]
+    prompt = render(tokenizer, msgs, add_generation_prompt=True)
+    text = render(tokenizer, [*msgs, {"role": "assistant", "content": _PROBE_ANSWER}],
+                  add_generation_prompt=False)
+    start = text.index(_PROBE_ANSWER)
+    return text[len(prompt): start] if text.startswith(prompt) and start >= len(prompt) else ""
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
