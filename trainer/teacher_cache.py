@@ -63,9 +63,15 @@ class TeacherCache:
                    for t in (self.values, self.indices, self.rest, self.offsets) if t is not None)
 
     def positions(self, examples: list[int]) -> torch.Tensor:
-        """Row ids of these examples' KL positions, in the loop's row-major order."""
-        spans = [torch.arange(int(self.offsets[i]), int(self.offsets[i + 1])) for i in examples]
-        return torch.cat(spans).to(self.values.device)
+        """Row ids of these examples' KL positions, in the loop's row-major order: example e's
+        rows offsets[e]:offsets[e+1], one after another (a few tensor ops, not one per example)."""
+        idx = torch.as_tensor(examples, dtype=torch.long)
+        starts = self.offsets[idx]
+        counts = self.offsets[idx + 1] - starts
+        total = int(counts.sum())
+        # Row k of the result is k shifted by (its example's start - rows before that example).
+        shift = (starts - (counts.cumsum(0) - counts)).repeat_interleave(counts, output_size=total)
+        return (torch.arange(total) + shift).to(self.values.device)
 
     def kl(self, student_logits: torch.Tensor, examples: list[int],
            weights: torch.Tensor | None = None) -> torch.Tensor:
