@@ -77,9 +77,8 @@ def _no_inherited_settings(model):
 
 @torch.inference_mode()
 def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
-                    device, **cache) -> list[str]:
-    """Answers to already-encoded prompts of one batch (left-padded here), decoded and stripped.
-    `cache`: a KV cache of all but the last token of prompts of one length, to continue from."""
+                    device) -> list[str]:
+    """Answers to already-encoded prompts of one batch (left-padded here), decoded and stripped."""
     pad = pad_id_of(tokenizer)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -90,5 +89,5 @@ def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], max_new_toke
     config = greedy_config(tokenizer, max_new_tokens)
     with _no_inherited_settings(model):
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             generation_config=config, **cache)
+                             generation_config=config)
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
