@@ -21,8 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from trainer.data import Example, parse_line
-from trainer.templates import render_many
-from trainer.tokenize import IGNORE, encode_example
+from trainer.tokenize import IGNORE, encode_example, encode_prompts
 from trainer.vocab_chunks import TopLogprobs, mean_kl_top, top_logprobs
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -62,10 +61,7 @@ def greedy_answers(model, tokenizer, facts, *, batch_size: int = 256,
     from trainer.verification import forced_answer_ids, verified_answers
 
     examples = _as_examples(facts)
-    texts = render_many(tokenizer, [ex.prompt_messages for ex in examples],
-                        add_generation_prompt=True)
-    # encode_prompt of each, in one tokenizer call
-    prompts = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    prompts = encode_prompts(tokenizer, [ex.prompt_messages for ex in examples])
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     batches = [order[b: b + batch_size] for b in range(0, len(order), batch_size)]
     lengths = answer_lengths(tokenizer, [a for ex in examples for a in ex.answers])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.data import Example
-from trainer.templates import render
+from trainer.templates import render, render_many
 
 IGNORE = -100
 
@@ -18,13 +18,20 @@ class Encoded:
     labels: list[int]  # IGNORE where no loss applies
 
 
-def token_ids(tokenizer, text: str) -> list[int]:
+def token_ids(tokenizer, text: str | list[str]) -> list[int] | list[list[int]]:
     # The chat template already places any special tokens the model expects.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def encode_prompt(tokenizer, messages) -> list[int]:
     return token_ids(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+
+
+def encode_prompts(tokenizer, conversations) -> list[list[int]]:
+    """`encode_prompt` of many conversations, rendered and tokenized in one call each (per-call
+    overhead is most of the cost of one)."""
+    texts = render_many(tokenizer, conversations, add_generation_prompt=True)
+    return token_ids(tokenizer, texts) if texts else []
 
 
 def _common_prefix(a: str, b: str) -> int:
