@@ -6,18 +6,28 @@
       learning rate, clipping, no packing, logging, saving or eval (`bench.peers`). Each side is
       the median of REPEATS runs, interleaved (ours, HF, TRL, ours, ...) so drifting machine load
       hits all alike. TRL is the `bench` extra; without it the figure is null and the table says so.
+      The optimizer is the same implementation on every side (torch's fused AdamW: ours with
+      fused=True, theirs optim="adamw_torch_fused"). What differs is how each computes the same
+      loss: ours feeds no token after the last loss position and no padding mask for right-padded
+      rows (`trainer.losses.logits_at`, the same outputs), runs LoRA layers through one addmm
+      (`trainer.adapters.lean_lora_forward`, bit-identical outputs here) and lists parameters,
+      collates and reads losses without per-step overhead; the peers run stock PEFT and their own
+      loops. The process keeps freed memory for reuse (`trainer.host`) from the start, for all.
   sd_over_sft_time / sd_over_sft_time_full
       a 40-epoch job's time, self-distillation over SFT, LoRA / full fine-tuning, on the whole
       training file (1,200 examples, 38 steps an epoch, 1,520 steps). Measured, not run to the
       end: the teacher cache's one-time build over all 1,200 examples is timed, and each method's
-      step time is the median step of `steps` steps (the first excluded); the job's time is
-      build + 1,520 x step time. `sd_over_sft_time_live` is the same with teacher_cache=off.
+      step time is the median of SD_STEPS_FACTOR x `steps` steps, SFT's and SD's in alternating
+      blocks of BLOCK (`sft_and_sd`); the job's time is build + 1,520 x step time.
+      `sd_over_sft_time_live` is the same with teacher_cache=off.
   sd_over_sft_memory
       peak live tensor bytes during training steps, SD over SFT, LoRA, whole training file: model,
       optimizer state and the teacher cache counted as resident, plus every tensor an op makes in
       forward and backward until it is freed (`bench.memory.PeakTensorMemory`). The cache is
-      extra memory the live teacher does not take, so it shows here;
-      `sd_over_sft_memory_live` is teacher_cache=off.
+      extra memory the live teacher does not take, so it shows here (on the built-in model the
+      exact cache is kept as the teacher's hidden states, 1.2 MiB, `trainer.teacher_cache`);
+      `sd_over_sft_memory_live` is teacher_cache=off. Under LoRA the teacher is the student with
+      its adapter off: no second copy of the weights exists to count.
   scoring_speedup
       held-out scoring throughput over a per-example generate() loop.
 Timings depend on the machine's load; ratios within one run are what count.
@@ -39,6 +49,8 @@ from trainer.spec import TrainSpec
 BATCH = 32
 EPOCHS = 40  # the job the SD ratios describe: the README's 40-epoch LoRA job
 REPEATS = 3
+BLOCK = 6  # steps per block when SFT and SD alternate (5 step times each)
+SD_STEPS_FACTOR = 2  # SD vs SFT: targets 5-10% from 1 need more steps than the peers' 30%
 TARGETS = {"trainer_vs_hf": (">=", 1.3), "trainer_vs_trl": (">=", 1.3),
            "sd_over_sft_time": ("<=", 1.05), "sd_over_sft_time_full": ("<=", 1.10),
            "sd_over_sft_memory": ("<=", 1.05), "scoring_speedup": (">=", 30.0)}
@@ -63,29 +75,55 @@ def _job(world: Path, spec: TrainSpec, examples):
                     log_every_n_steps=1)
 
 
-def ours(world: Path, method: str, steps: int, adapter: str = "lora", **hp) -> dict:
-    """`steps` steps of our loop on the whole training file (a 40-epoch job's spec), after one
-    warm-up step: the median step time, examples/s, and the teacher cache's build time."""
-    from trainer.loop import Callbacks, _Run
+class _Timed:
+    """Our loop on the whole training file (a 40-epoch job's spec), run a block of steps at a
+    time: the teacher cache's one-time build timed apart, then the end of every step stamped."""
 
-    examples = _examples(world)
-    stamps: list[float] = []
-    run = _Run(_job(world, _spec(method, EPOCHS, adapter, **hp), examples),
-               Callbacks(on_metrics=lambda m: stamps.append(time.perf_counter())))
-    job_steps = run.total_steps
-    build = 0.0
-    if run.teacher is not None:
-        started = time.perf_counter()
-        run._cache_teacher()  # what run() would do first; timed apart from the steps
-        build = time.perf_counter() - started
-    run.total_steps = steps + 1
-    run.run()
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"steps": len(gaps), "seconds": stamps[-1] - stamps[0],
-            "examples_per_second": len(gaps) * BATCH / (stamps[-1] - stamps[0]),
-            "step_seconds": statistics.median(gaps), "cache_build_seconds": build,
-            "job_steps": job_steps,
-            "job_seconds_extrapolated": build + job_steps * statistics.median(gaps)}
+    def __init__(self, world: Path, method: str, adapter: str = "lora", **hp):
+        from trainer.loop import Callbacks, _Run
+
+        self.stamps: list[float] = []
+        self.gaps: list[float] = []
+        self.run = _Run(_job(world, _spec(method, EPOCHS, adapter, **hp), _examples(world)),
+                        Callbacks(on_metrics=lambda m: self.stamps.append(time.perf_counter())))
+        self.job_steps = self.run.total_steps
+        self.build = 0.0
+        if self.run.teacher is not None:
+            started = time.perf_counter()
+            self.run._cache_teacher()  # what run() would do first; timed apart from the steps
+            self.build = time.perf_counter() - started
+
+    def steps(self, n: int) -> None:
+        """n more steps (the loop's first n again: its data order and learning rate, the model
+        and optimizer as they stand); the gaps between their ends are step times (the first
+        step of a block also carries the block's start, so it is left out)."""
+        self.stamps.clear()
+        self.run.total_steps = n
+        self.run.run()
+        self.gaps += [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+    def figures(self) -> dict:
+        step = statistics.median(self.gaps)
+        return {"steps": len(self.gaps), "seconds": sum(self.gaps),
+                "examples_per_second": len(self.gaps) * BATCH / sum(self.gaps),
+                "step_seconds": step, "cache_build_seconds": self.build,
+                "job_steps": self.job_steps, "job_seconds_extrapolated": self.build
+                + self.job_steps * step}
+
+
+def sft_and_sd(world: Path, steps: int, adapter: str = "lora", **hp) -> dict[str, dict]:
+    """SFT's and self-distillation's figures (`_Timed`), their step blocks alternating (BLOCK
+    steps each, after one warm-up step each) so that load drifting during the measurement hits
+    both alike."""
+    runs = {"supervised": _Timed(world, "supervised", adapter),
+            "self_distillation": _Timed(world, "self_distillation", adapter, **hp)}
+    for timed in runs.values():
+        timed.steps(1)
+        timed.gaps.clear()
+    for _ in range(max(1, round(steps / (BLOCK - 1)))):
+        for timed in runs.values():
+            timed.steps(BLOCK)
+    return {method: timed.figures() for method, timed in runs.items()}
 
 
 def peak_memory_of_step(world: Path, method: str, **hp) -> dict:
@@ -102,9 +140,8 @@ def peak_memory_of_step(world: Path, method: str, **hp) -> dict:
     resident += [v for s in run.optimizer.state.values() for v in s.values()
                  if isinstance(v, torch.Tensor)]
     cache = run.teacher_cache
-    if cache is not None:
-        resident += [t for t in (cache.values, cache.indices, cache.rest, cache.offsets)
-                     if t is not None]
+    if cache is not None:  # (an exact cache's `head` is the model's own weight: counted above)
+        resident += cache.tensors
     with PeakTensorMemory(resident) as mem:
         run.run()
     return {"peak_bytes": mem.peak, "teacher_cache_bytes": cache.nbytes if cache else 0}
@@ -172,22 +209,26 @@ def _sd_runs(world: Path, steps: int, adapter: str, repeats: int, log, **hp) -> 
     runs: dict[str, list[dict]] = {"supervised": [], "self_distillation": []}
     for i in range(repeats):
         log(f"sd vs sft ({adapter}{', ' + str(hp) if hp else ''}): repeat {i + 1}/{repeats}")
-        for method in runs:
-            runs[method].append(ours(world, method, steps, adapter,
-                                     **(hp if method == "self_distillation" else {})))
+        for method, figures in sft_and_sd(world, steps, adapter, **hp).items():
+            runs[method].append(figures)
     sft, sd = (_median(runs[m], "job_seconds_extrapolated") for m in runs)
     return {"ratio": sd / sft, "runs": runs}
 
 
 def run_speed(steps: int, log=print) -> dict:
     from trainer.builtin import default_world_dir
+    from trainer.host import keep_freed_memory
 
     world = default_world_dir(log=log)
+    # Our loop sets this for its process; set before anything runs, every trainer measured here
+    # allocates the same way.
+    kept = keep_freed_memory()
     torch.manual_seed(0)
     peers_runs = _peer_runs(world, steps, log)
-    lora = _sd_runs(world, steps, "lora", REPEATS, log)
-    full = _sd_runs(world, steps, "full", 2, log)
-    live = _sd_runs(world, steps, "lora", 2, log, teacher_cache="off")
+    sd_steps = SD_STEPS_FACTOR * steps
+    lora = _sd_runs(world, sd_steps, "lora", REPEATS, log)
+    full = _sd_runs(world, sd_steps, "full", 2, log)
+    live = _sd_runs(world, sd_steps, "lora", 2, log, teacher_cache="off")
     mem_sft = peak_memory_of_step(world, "supervised")
     mem_sd = peak_memory_of_step(world, "self_distillation")
     mem_live = peak_memory_of_step(world, "self_distillation", teacher_cache="off")
@@ -207,9 +248,12 @@ def run_speed(steps: int, log=print) -> dict:
                 "sd_lora_live_teacher": live["runs"],
                 "memory": {"supervised": mem_sft, "self_distillation": mem_sd,
                            "self_distillation_live_teacher": mem_live},
-                "scoring": score, "batch_size": BATCH, "steps": steps, "job_epochs": EPOCHS,
+                "scoring": score, "batch_size": BATCH, "steps": steps, "sd_steps": sd_steps,
+                "job_epochs": EPOCHS,
                 "device": "cuda" if torch.cuda.is_available() else "cpu",
-                "threads": torch.get_num_threads()},
+                "threads": torch.get_num_threads(),
+                "allocator": ("glibc keeps freed memory (trainer.host), for every trainer"
+                              if kept else "default")},
     }
 
 

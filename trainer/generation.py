@@ -77,8 +77,9 @@ def _no_inherited_settings(model):
 
 @torch.inference_mode()
 def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
-                    device) -> list[str]:
-    """Answers to already-encoded prompts of one batch (left-padded here), decoded and stripped."""
+                    device, **cache) -> list[str]:
+    """Answers to already-encoded prompts of one batch (left-padded here), decoded and stripped.
+    `cache`: a KV cache of all but the last token of prompts of one length, to continue from."""
     pad = pad_id_of(tokenizer)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -89,5 +90,5 @@ def generate_greedy(model, tokenizer, prompts: Sequence[list[int]], max_new_toke
     config = greedy_config(tokenizer, max_new_tokens)
     with _no_inherited_settings(model):
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             generation_config=config)
+                             generation_config=config, **cache)
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]

@@ -34,17 +34,53 @@ def _has_plain_lm_head(model) -> bool:
             and getattr(config, "logit_scale", None) in (None, 1, 1.0))
 
 
+def _padding_mask_needed(attention_mask: torch.Tensor, where: torch.Tensor) -> bool:
+    """False where every row's real tokens come before its padding and `where` reads real
+    positions only: then causal attention alone gives those positions the same outputs."""
+    left_or_inner = (attention_mask[:, 1:] > attention_mask[:, :-1]).any()
+    reads_padding = (where & (attention_mask[:, : where.size(1)] == 0)).any()
+    return bool(left_or_inner | reads_padding)
+
+
+def _fed(input_ids: torch.Tensor, attention_mask: torch.Tensor, where: torch.Tensor,
+         forward_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids, attention_mask) as the model is fed to read the positions `where`.
+
+    Attention is causal, so the outputs at the first `width` positions depend on no token after
+    them: those tokens are not fed (in training, every row's last column, 1/T of the forward).
+    And where rows are padded on the right only, no real position attends to padding anyway, so
+    when `where` reads real positions only (the loss's positions always do) and there is no KV
+    cache, the padding mask is left out and attention takes its plain causal path: the same
+    outputs there, without building a [B, 1, T, T] mask.
+    """
+    cut = input_ids.size(1) - where.size(1)
+    if cut > 0:
+        input_ids, attention_mask = input_ids[:, :-cut], attention_mask[:, :-cut]
+    if not forward_kwargs and not _padding_mask_needed(attention_mask, where):
+        return input_ids, None
+    return input_ids, attention_mask
+
+
+def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              where: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+    """The last hidden state [N, H] at the positions `where`, in row-major order: what the LM
+    head reads, for a model with a plain one (`_has_plain_lm_head`)."""
+    input_ids, attention_mask = _fed(input_ids, attention_mask, where, forward_kwargs)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 **forward_kwargs)[0]
+    return hidden[where]
+
+
 def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               where: torch.Tensor, **forward_kwargs) -> torch.Tensor:
     """Next-token logits [N, V] at the positions `where` ([B, T-1] bool, or [B, T] where the last
     position counts too), in row-major order. `forward_kwargs` go to the model (a KV cache)."""
-    width = where.size(1)
     if _has_plain_lm_head(model):
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     **forward_kwargs)[0]
-        return model.get_output_embeddings()(hidden[:, :width][where])
+        return model.get_output_embeddings()(
+            hidden_at(model, input_ids, attention_mask, where, **forward_kwargs))
+    input_ids, attention_mask = _fed(input_ids, attention_mask, where, forward_kwargs)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
-    return logits[:, :width][where]
+    return logits[where]
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

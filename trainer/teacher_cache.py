@@ -6,8 +6,14 @@ teacher repeats one forward pass per step, `n_epochs` times over. Here those out
 before the first step (batched by length, without gradients) and each step reads its rows'.
 
 Two forms, chosen by `teacher_cache` (SelfDistillationHyperparameters):
-  - exact: the temperature-scaled log-probs over the whole vocabulary, float32 ([P, V] for P KL
-    positions). The KL then equals the live teacher's up to float rounding of batch shapes.
+  - exact: the teacher's whole distribution at each of the P KL positions, so the KL equals the
+    live teacher's up to float rounding of batch shapes. Kept as the smaller of: the
+    temperature-scaled log-probs, float32 [P, V]; or, where the teacher's LM head is a plain
+    linear layer that training never changes (`Teacher.lm_head_weight`: the base's head under
+    LoRA, the frozen copy's under full fine-tuning), the hidden states that head reads, [P, H],
+    with the head shared, not copied. Each step then reruns the head on its rows (one [N, H] x
+    [H, V] matmul, as the live teacher's last layer does) and takes the live teacher's KL. On
+    the built-in model (H 128, V 306) that is 1.2 MiB instead of 2.9.
   - topk: per position the k largest log-probs, their token ids and the log of the mass outside
     them (the form offline-distillation tools store). The KL is taken between the coarse-grained
     distributions (k tokens + one tail bucket): it never exceeds the true KL, and falls short of
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.losses import distillation_kl
 from trainer.tokenize import IGNORE, Encoded, collate
 from trainer.vocab_chunks import rows_per_chunk
 
@@ -49,23 +56,35 @@ def kl_mask(encoded: Encoded, positions: str) -> list[bool]:
 class TeacherCache:
     temperature: float
     offsets: torch.Tensor  # [n_examples + 1] int64 (CPU): example i owns rows offsets[i]:[i+1]
-    values: torch.Tensor  # [P, V] (exact) or [P, k] (topk) float32 log-probs at temperature
+    values: torch.Tensor  # [P, V] (exact) or [P, k] (topk) float32 log-probs at temperature;
+    #                       or, with `head`, [P, H] teacher hidden states (exact)
     indices: torch.Tensor | None  # [P, k] int32 token ids (topk), None (exact)
     rest: torch.Tensor | None  # [P] float32 log of the teacher's mass outside `indices`
+    head: torch.Tensor | None = None  # [V, H] the teacher's frozen LM head (shared, not a copy)
 
     @property
     def mode(self) -> str:
         return "exact" if self.indices is None else "topk"
 
     @property
+    def tensors(self) -> list[torch.Tensor]:
+        """What the cache holds; `head` is the model's own weight, so it is not counted."""
+        return [t for t in (self.values, self.indices, self.rest, self.offsets) if t is not None]
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.values, self.indices, self.rest, self.offsets) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def positions(self, examples: list[int]) -> torch.Tensor:
-        """Row ids of these examples' KL positions, in the loop's row-major order."""
-        spans = [torch.arange(int(self.offsets[i]), int(self.offsets[i + 1])) for i in examples]
-        return torch.cat(spans).to(self.values.device)
+        """Row ids of these examples' KL positions, in the loop's row-major order: example e's
+        rows offsets[e]:offsets[e+1], one after another (a few tensor ops, not one per example)."""
+        idx = torch.as_tensor(examples, dtype=torch.long)
+        starts = self.offsets[idx]
+        counts = self.offsets[idx + 1] - starts
+        total = int(counts.sum())
+        # Row k of the result is k shifted by (its example's start - rows before that example).
+        shift = (starts - (counts.cumsum(0) - counts)).repeat_interleave(counts, output_size=total)
+        return (torch.arange(total) + shift).to(self.values.device)
 
     def kl(self, student_logits: torch.Tensor, examples: list[int],
            weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,6 +97,9 @@ class TeacherCache:
         if rows.numel() != n:  # only a bug can do this: the loop chose other positions
             raise RuntimeError(f"teacher cache has {rows.numel()} KL positions for these "
                                f"examples, the student {n}")
+        if self.head is not None:  # the live teacher's last layer and KL, on cached inputs
+            teacher_logits = F.linear(self.values.index_select(0, rows), self.head)
+            return distillation_kl(student_logits, teacher_logits, self.temperature, weights)
         w = (torch.ones(n, device=student_logits.device) if weights is None
              else weights.detach().float())
         values = self.values.index_select(0, rows)
@@ -165,7 +187,11 @@ def choose_mode(requested: str, positions: int, vocab: int, top_k: int) -> tuple
 def build(teacher, encoded: list[Encoded], positions: str, temperature: float, mode: str,
           top_k: int, pad_id: int, device, autocast) -> TeacherCache:
     """Run the teacher once over every example (batched by length) and keep its log-probs at
-    the KL positions. `autocast` is the run's precision context, so values match a live step."""
+    the KL positions, or (exact, where smaller) the hidden states its frozen LM head reads.
+    `autocast` is the run's precision context, so values match a live step."""
+    head = teacher.lm_head_weight() if mode == "exact" else None
+    if head is not None and head.size(1) >= head.size(0):
+        head = None  # hidden states as wide as the vocabulary: keep the log-probs
     masks = [kl_mask(e, positions) for e in encoded]
     counts = torch.tensor([sum(m) for m in masks], dtype=torch.long)
     offsets = torch.zeros(len(encoded) + 1, dtype=torch.long)
@@ -187,6 +213,17 @@ def build(teacher, encoded: list[Encoded], positions: str, temperature: float, m
         where = torch.zeros(len(group), width - 1, dtype=torch.bool)
         for row, i in enumerate(group):
             where[row, : len(masks[i])] = torch.tensor(masks[i], dtype=torch.bool)
+        dest = torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in group])
+        dest = dest.to(device)
+        if head is not None:
+            with autocast():
+                hidden = teacher.hidden_at(batch["input_ids"], batch["attention_mask"],
+                                           where.to(device))
+            if values is None:
+                values = torch.empty(total, hidden.size(-1), dtype=hidden.dtype, device=device)
+            values[dest] = hidden
+            start = end
+            continue
         with autocast():
             logits = teacher.logits_at(batch["input_ids"], batch["attention_mask"],
                                        where.to(device))
@@ -197,8 +234,6 @@ def build(teacher, encoded: list[Encoded], positions: str, temperature: float, m
             if mode == "topk":
                 indices = torch.empty(total, k, dtype=torch.int32, device=device)
                 rest = torch.empty(total, dtype=torch.float32, device=device)
-        dest = torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in group])
-        dest = dest.to(device)
         step = rows_per_chunk(vocab)
         for a in range(0, logits.size(0), step):
             logp = F.log_softmax(logits[a:a + step].float() / temperature, dim=-1)
@@ -214,7 +249,7 @@ def build(teacher, encoded: list[Encoded], positions: str, temperature: float, m
         start = end
     if values is None:  # no KL positions at all
         values = torch.empty(0, 0, device=device)
-    return TeacherCache(temperature, offsets, values, indices, rest)
+    return TeacherCache(temperature, offsets, values, indices, rest, head)
 
 
 def for_run(teacher, encoded: list[Encoded], hp, vocab: int, pad_id: int, device, autocast
@@ -229,8 +264,10 @@ def for_run(teacher, encoded: list[Encoded], hp, vocab: int, pad_id: int, device
     started = time.monotonic()
     cache = build(teacher, encoded, hp.distill_positions, hp.distill_temperature, mode,
                   hp.teacher_cache_top_k, pad_id, device, autocast)
-    what = ("exact log-probs" if mode == "exact"
-            else f"top-{cache.values.size(1)} log-probs + tail mass")
+    what = (f"top-{cache.values.size(1)} log-probs + tail mass" if mode == "topk"
+            else "exact log-probs" if cache.head is None
+            else "exact log-probs, kept as the teacher's last hidden states (its frozen LM head "
+                 "rerun each step)")
     return cache, "info", (f"teacher cache: {what} at {positions} KL positions, "
                            f"{cache.nbytes / 2**20:.1f} MiB in memory (none on disk: recomputed "
                            f"at every start), built in {time.monotonic() - started:.1f} s")

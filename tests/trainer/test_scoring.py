@@ -28,7 +28,7 @@ def n_verified(model, tok, facts) -> int:
     candidates = [[c for c in forced_answer_ids(tok, f.answers) if c] for f in facts]
     budget = answer_budget(tok, {a for f in facts for a in f.answers})
     got = verified_answers(model, tok, prompts, candidates, [budget] * len(facts),
-                           torch.device("cpu"))
+                           torch.device("cpu"), generate_misses=False)
     return sum(a is not None for a in got)
 
 

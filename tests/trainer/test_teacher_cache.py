@@ -44,12 +44,20 @@ def _cache(run, mode, k=64):
                  mode, k, run.pad_id, run.device, run.precision.autocast)
 
 
-@pytest.mark.parametrize("positions", ["answer", "all"])
+@pytest.mark.parametrize("positions, kept", [("answer", "hidden"), ("all", "hidden"),
+                                             ("answer", "logprobs")])
 def test_the_exact_cache_gives_the_live_teachers_loss_and_gradient(builtin_world,
                                                                    builtin_examples, tmp_path,
-                                                                   positions):
+                                                                   positions, kept):
     run = _moved_run(builtin_world, builtin_examples, tmp_path, positions)
+    head = run.teacher.model.get_output_embeddings().weight
+    if kept == "logprobs":  # a head the cache may not share (an adapter's, or trained)
+        run.teacher.lm_head_weight = lambda: None
     cache = _cache(run, "exact")
+    if kept == "hidden":  # H=128 < V=306: hidden states, the frozen copy's head shared
+        assert cache.head is head and cache.values.shape == (cache.offsets[-1], head.size(1))
+    else:
+        assert cache.head is None and cache.values.size(1) == head.size(0)
     rows = [5, 0, 17, 33, 2, 40, 11]  # any order: the loop's rows are shuffled
     batch, where = _batch(run, rows)
     weights = torch.linspace(0.5, 2.0, int(where.sum()))  # per-position lambda
@@ -128,12 +136,13 @@ def test_training_with_the_cache_follows_the_live_teacher(builtin_world, builtin
     calls = {"n": 0}
 
     def count(run):
-        live = run.teacher.logits_at
+        for name in ("logits_at", "hidden_at"):  # the exact cache reads hidden states here
+            live = getattr(run.teacher, name)
 
-        def wrapped(*a):
-            calls["n"] += 1
-            return live(*a)
-        run.teacher.logits_at = wrapped
+            def wrapped(*a, live=live):
+                calls["n"] += 1
+                return live(*a)
+            setattr(run.teacher, name, wrapped)
 
     results, events = {}, []
     for mode in ("off", "auto"):
