@@ -117,6 +117,7 @@ class _Run:
         self.job, self.cb = job, callbacks
         self.device, self.dtype = pick_device(job.device)
         self.precision = Precision.for_device(self.device)
+        self.sum_dtype = torch.float32 if self.device.type == "mps" else torch.float64
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults re-touching each step's activations
         torch.manual_seed(job.spec.seed)
@@ -332,7 +333,8 @@ class _Run:
         batch's answer tokens, so the summed gradient is the whole batch's: exactly for the CE
         and for a KL at answer positions (with distill_positions=all, each micro-batch's KL mean
         weighs by its answer tokens rather than its KL positions). Returns the step's loss parts
-        (float64 tensors, summed as Python floats would be) and its tokens."""
+        (float64 tensors, summed as Python floats would be; float32 on MPS, which has no float64)
+        and its tokens."""
         groups = micro_batches([self.lengths[i] for i in rows], self.hp.micro_batch_tokens)
         total = max(1, sum(self.answer_counts[i] for i in rows))
         parts: dict = {}
@@ -344,7 +346,7 @@ class _Run:
                 loss, micro_parts = self._loss(batch, micro, step)
             self.precision.backward(loss * share if share != 1.0 else loss)
             for key, value in micro_parts.items():
-                parts[key] = parts.get(key, 0.0) + share * value.double()
+                parts[key] = parts.get(key, 0.0) + share * value.to(self.sum_dtype)
         return parts, sum(self.lengths[i] for i in rows)
 
     def _batch_indices(self, step: int) -> list[int]:

@@ -28,7 +28,6 @@ training (half its facts unknown) 1.05x, and facts the model does not know at al
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 from collections import Counter
@@ -104,7 +103,7 @@ def _generate_on(model, tokenizer, prompts, limits, missed: dict[int, int],
                  cache: tuple[str, object], answers: list, device) -> None:
     """Generate the `missed` facts (fact -> row of the batch just checked) on from the keys and
     values the pass computed for all but the last token of their prompts, grouped by prompt
-    length and budget."""
+    length and budget (from scratch where that cache cannot be cut back: `_prompt_cache`)."""
     from trainer.generation import generate_greedy
 
     name, computed = cache
@@ -112,13 +111,28 @@ def _generate_on(model, tokenizer, prompts, limits, missed: dict[int, int],
     for i in missed:
         groups.setdefault((len(prompts[i]), limits[i]), []).append(i)
     for (length, limit), facts in groups.items():
-        kept = copy.deepcopy(computed)
-        kept.batch_select_indices(torch.tensor([missed[i] for i in facts], device=device))
-        kept.crop(length - 1 - kept.get_seq_length())  # a negative count: tokens to drop
+        rows = torch.tensor([missed[i] for i in facts], device=device)
+        kept = _prompt_cache(computed, rows, length - 1)
         got = generate_greedy(model, tokenizer, [prompts[i] for i in facts], limit, device,
-                              **{name: kept})
+                              **({name: kept} if kept is not None else {}))
         for i, answer in zip(facts, got):
             answers[i] = answer
+
+
+def _prompt_cache(computed, rows: torch.Tensor, length: int):
+    """A new cache of `rows` of `computed`, their first `length` tokens (the rows are picked
+    before anything is copied). None unless every layer is plain full attention: a sliding-window
+    layer may have dropped early tokens and a linear-attention layer's state has already taken in
+    the candidate, so neither can be cut back to the prompt."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if not computed.layers or any(type(layer) is not DynamicLayer or layer.keys is None
+                                  for layer in computed.layers):
+        return None
+    return DynamicCache(ddp_cache_data=[
+        (layer.keys.index_select(0, rows)[:, :, :length],
+         layer.values.index_select(0, rows)[:, :, :length]) for layer in computed.layers])
 
 
 def _greedy_is_candidate(model, prompts: Sequence[list[int]], candidates: Sequence[list[int]],

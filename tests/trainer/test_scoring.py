@@ -164,3 +164,25 @@ def test_fast_scoring_equals_generation_on_zoo_chat_templates(family, zoo_dir, z
             cut.append(_asking(fact, first))
     assert len(cut) >= 4 and n_verified(model, tok, cut) == 0
     assert_same_as_generation(model, tok, cut)
+
+
+def test_a_sliding_window_model_generates_its_misses_from_scratch(builtin_world, facts):
+    """A sliding-window layer may have dropped a prompt's first tokens and cannot be cut back to
+    the prompt, so where a check fails the fact is generated from scratch (it crashed in the
+    cache's crop before): the same answers as plain generation. The built-in model's weights
+    under Mistral's architecture, which is Llama's plus a window, here narrower than a prompt."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok, llama = load(builtin_world)
+    own = llama.config.to_dict()
+    config = MistralConfig(**{k: own[k] for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+        "max_position_embeddings", "pad_token_id", "eos_token_id", "tie_word_embeddings")},
+        rope_parameters=own["rope_parameters"], sliding_window=6)
+    model = MistralForCausalLM(config)
+    model.load_state_dict(llama.state_dict())
+    model.eval()
+    shorter = min(len(encode_prompt(tok, f.prompt_messages)) for f in facts["unknown"][:20])
+    assert shorter > config.sliding_window
+    assert_same_as_generation(model, tok, facts["known"][:20] + facts["unknown"][:20])
