@@ -86,6 +86,19 @@ def runs(seed: int, lora: bool) -> list[tuple[str, str, TrainSpec, str]]:
     return rows
 
 
+def selected_runs(seed: int, lora: bool, only: list[str] | None):
+    """`runs`, or the rows named in `only` (l2_anchor brings the row whose pull it matches)."""
+    table = runs(seed, lora)
+    if not only:
+        return table
+    unknown = set(only) - {run for run, *_ in table}
+    if unknown:
+        raise SystemExit(f"bench paper: no row {sorted(unknown)}; the rows are "
+                         f"{[run for run, *_ in table]} (--lora adds the lora_ ones)")
+    wanted = set(only) | ({L2_FROM} if "l2_anchor" in only else set())
+    return [row for row in table if row[0] in wanted]
+
+
 def training_sets(world_dir: Path) -> dict[str, list]:
     """The training sets, from the world's files (name and UUID files hold equal counts)."""
     world = json.loads((world_dir / "world.json").read_text())
@@ -115,16 +128,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_paper(seed: int, lora: bool = False, log=print) -> list[dict]:
+def run_paper(seed: int, lora: bool = False, only: list[str] | None = None,
+              log=print) -> list[dict]:
+    """The table's rows (`selected_runs`), trained and scored one after another."""
     from trainer.builtin import BuildConfig, ensure_world
     from trainer.loop import TrainJob, train
     from trainer.world import WorldConfig
 
+    table = selected_runs(seed, lora, only)
     world_dir = ensure_world(BuildConfig(world=WorldConfig(seed=seed)), log=log)
     sets = training_sets(world_dir)
     known = load_examples(world_dir / "heldout_known.jsonl")
     rows: list[dict] = []
-    for run, label, spec, which in runs(seed, lora):
+    for run, label, spec, which in table:
         if spec is None:  # l2_anchor: its strength comes from the self-distillation row
             mu = next(r["matched_weight_anchor"] for r in rows if r["run"] == L2_FROM)
             spec = _spec("supervised", seed=seed, weight_anchor=mu)
@@ -151,7 +167,8 @@ def run_paper(seed: int, lora: bool = False, log=print) -> list[dict]:
 
 
 def main(args) -> int:
-    rows = run_paper(args.seed, lora=args.lora, log=lambda m: print(m, file=sys.stderr))
+    rows = run_paper(args.seed, lora=args.lora, only=args.only.split(",") if args.only else None,
+                     log=lambda m: print(m, file=sys.stderr))
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"seed": args.seed, "rows": rows}, indent=1))

@@ -53,6 +53,7 @@ def _bench(sub) -> None:
     paper.add_argument("--seed", type=int, default=0)
     paper.add_argument("--json", help="write the rows here too")
     paper.add_argument("--lora", action="store_true", help="add LoRA rows")
+    paper.add_argument("--only", help="comma-separated rows to run (default: every row)")
     paper.set_defaults(func=_lazy("bench.paper", "main"))
     speed = bsub.add_parser("speed", help="our loop vs HF Trainer and TRL, SD cost, scoring speed")
     speed.add_argument("--json", help="write the figures here too")

@@ -1,5 +1,7 @@
 """The science benches' bookkeeping (their training is what `driftsafe bench` runs)."""
 
+import pytest
+
 from bench import frontier, paper
 from trainer.presets import apply_preset
 
@@ -63,3 +65,12 @@ def test_interference_facts_are_new_people_with_the_asked_keys():
         assert (tokens <= names) if kind == "name" else (tokens <= set(world.uuid_tokens))
         assert all(len(e.split()) == 2 for e in entities)
     assert new_facts(0, "name", 300) == new_facts(0, "name", 1200)[:300]
+
+
+def test_paper_only_runs_the_named_rows_and_names_the_ones_it_has():
+    chosen = paper.selected_runs(2, True, ["lora_drift_safe_preset", "l2_anchor"])
+    named = [run for run, *_ in chosen]
+    assert named == ["self_distillation", "l2_anchor", "lora_drift_safe_preset"]
+    assert len(paper.selected_runs(2, False, None)) == len(paper.runs(2, False))
+    with pytest.raises(SystemExit, match=r"no row \['lora_sft'\].*--lora adds"):
+        paper.selected_runs(2, False, ["lora_sft"])
