@@ -5,7 +5,8 @@ the prompt and then a candidate (an accepted answer's tokens through its stop to
 argmax at every candidate position is the candidate's next token, generation would emit exactly
 that candidate and stop: its answer is the candidate, decoded as generation decodes it. A fact
 none of whose candidates holds is generated (`trainer.generation`), on from the keys and values
-the pass already computed for its prompt.
+the pass already computed for its prompt (from scratch where the model's cache cannot be cut back
+to the prompt: sliding-window or linear-attention layers).
 
 What keeps this the answer `generate` gives:
   - Float noise. The pass computes in a different order from generate's cached one-token steps,
