@@ -4,8 +4,9 @@
       our loop's training examples/s over the Hugging Face Trainer's / TRL's SFTTrainer's: the
       same LoRA model (r=16), tokenized rows, answer-only loss, batch, steps, fused AdamW, constant
       learning rate, clipping, no packing, logging, saving or eval (`bench.peers`). Each side is
-      the median of REPEATS runs, interleaved (ours, HF, TRL, ours, ...) so drifting machine load
-      hits all alike. TRL is the `bench` extra; without it the figure is null and the table says so.
+      the median of PEER_REPEATS runs, interleaved (ours, HF, TRL, ours, ...) so drifting machine
+      load hits all alike. TRL is the `bench` extra; without it the figure is null and the table
+      says so.
       The optimizer is the same implementation on every side (torch's fused AdamW: ours with
       fused=True, theirs optim="adamw_torch_fused"). What differs is how each computes the same
       loss: ours feeds no token after the last loss position and no padding mask for right-padded
@@ -49,6 +50,7 @@ from trainer.spec import TrainSpec
 BATCH = 32
 EPOCHS = 40  # the job the SD ratios describe: the README's 40-epoch LoRA job
 REPEATS = 3
+PEER_REPEATS = 5  # a peer run is ~60 steps, a few seconds: repeats vary by ~10% on 2 cores
 BLOCK = 6  # steps per block when SFT and SD alternate (5 step times each)
 SD_STEPS_FACTOR = 2  # SD vs SFT: targets 5-10% from 1 need more steps than the peers' 30%
 TARGETS = {"trainer_vs_hf": (">=", 1.3), "trainer_vs_trl": (">=", 1.3),
@@ -175,7 +177,8 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def _peer_runs(world: Path, steps: int, log) -> dict[str, list[dict]]:
-    """ours / hf / trl on the same first `steps` x BATCH examples, interleaved REPEATS times."""
+    """ours / hf / trl on the same first `steps` x BATCH examples, interleaved PEER_REPEATS
+    times."""
     from bench import peers
     from trainer.loop import Callbacks, train
 
@@ -195,8 +198,8 @@ def _peer_runs(world: Path, steps: int, log) -> dict[str, list[dict]]:
     have_trl = peers.trl_available()
     if not have_trl:
         log("TRL is not installed: trainer_vs_trl is skipped (pip install -e '.[bench]')")
-    for i in range(REPEATS):
-        log(f"peers: repeat {i + 1}/{REPEATS}")
+    for i in range(PEER_REPEATS):
+        log(f"peers: repeat {i + 1}/{PEER_REPEATS}")
         runs["ours"].append(our_rate())
         runs["hf_trainer"].append(peers.hf_trainer(world, examples, spec, BATCH, steps))
         if have_trl:
