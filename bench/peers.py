@@ -66,10 +66,13 @@ def _stamper():
     return stamps, Stamp()
 
 
-def _rate(stamps: list[float], batch: int) -> dict:
+def rate(stamps: list[float], batch: int) -> dict:
+    """A run's figures from the end of each step: its mean examples/s, and every step's time
+    (for a median that a passing burst of machine load does not move)."""
     seconds = stamps[-1] - stamps[0]
     return {"steps": len(stamps) - 1, "seconds": seconds,
-            "examples_per_second": (len(stamps) - 1) * batch / seconds}
+            "examples_per_second": (len(stamps) - 1) * batch / seconds,
+            "step_seconds": [b - a for a, b in zip(stamps, stamps[1:])]}
 
 
 def hf_trainer(world: Path, examples, spec, batch: int, steps: int) -> dict:
@@ -86,7 +89,7 @@ def hf_trainer(world: Path, examples, spec, batch: int, steps: int) -> dict:
         args = TrainingArguments(**_common_args(batch, steps, out))
         Trainer(model=model, args=args, train_dataset=rows, callbacks=[stamp],
                 data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True)).train()
-    return _rate(stamps, batch)
+    return rate(stamps, batch)
 
 
 def trl_available() -> bool:
@@ -117,4 +120,4 @@ def trl_sft_trainer(world: Path, examples, spec, batch: int, steps: int) -> dict
                          shuffle_dataset=False)
         SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                    processing_class=tokenizer, callbacks=[stamp]).train()
-    return _rate(stamps, batch)
+    return rate(stamps, batch)

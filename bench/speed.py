@@ -3,10 +3,12 @@
   trainer_vs_hf / trainer_vs_trl
       our loop's training examples/s over the Hugging Face Trainer's / TRL's SFTTrainer's: the
       same LoRA model (r=16), tokenized rows, answer-only loss, batch, steps, fused AdamW, constant
-      learning rate, clipping, no packing, logging, saving or eval (`bench.peers`). Each side is
-      the median of PEER_REPEATS runs, interleaved (ours, HF, TRL, ours, ...) so drifting machine
-      load hits all alike. TRL is the `bench` extra; without it the figure is null and the table
-      says so.
+      learning rate, clipping, no packing, logging, saving or eval (`bench.peers`). Each side
+      runs PEER_REPEATS times, interleaved (ours, HF, TRL, ours, ...) so drifting machine load
+      hits all alike, and its speed is its median step time over every step of its repeats: a
+      burst of load on a shared 2-core machine moves a run's mean rate by 10-20% but few of its
+      steps. (`trainer_vs_*_mean_rate`: the median of the repeats' mean examples/s instead.)
+      TRL is the `bench` extra; without it the figure is null and the table says so.
       The optimizer is the same implementation on every side (torch's fused AdamW: ours with
       fused=True, theirs optim="adamw_torch_fused"). What differs is how each computes the same
       loss: ours feeds no token after the last loss position and no padding mask for right-padded
@@ -30,7 +32,8 @@
       `sd_over_sft_memory_live` is teacher_cache=off. Under LoRA the teacher is the student with
       its adapter off: no second copy of the weights exists to count.
   scoring_speedup
-      held-out scoring throughput over a per-example generate() loop.
+      held-out scoring throughput over a per-example generate() loop, the two alternated
+      REPEATS times, each the median of its repeats.
 Timings depend on the machine's load; ratios within one run are what count.
 """
 
@@ -149,8 +152,9 @@ def peak_memory_of_step(world: Path, method: str, **hp) -> dict:
     return {"peak_bytes": mem.peak, "teacher_cache_bytes": cache.nbytes if cache else 0}
 
 
-def scoring(world: Path, n: int = 1000, loop_n: int = 100) -> dict:
-    """Batched scoring of `n` held-out facts vs `generate()` one prompt at a time (on loop_n)."""
+def scoring(world: Path, n: int = 1000, loop_n: int = 100, repeats: int = REPEATS) -> dict:
+    """Batched scoring of `n` held-out facts vs `generate()` one prompt at a time (on loop_n),
+    the two alternated `repeats` times; each side's rate is the median of its repeats."""
     from trainer.loop import load_base
     from trainer.scoring import accuracy
     from trainer.tokenize import encode_prompt
@@ -159,21 +163,32 @@ def scoring(world: Path, n: int = 1000, loop_n: int = 100) -> dict:
     model.eval()
     facts = load_examples(world / "heldout_known.jsonl")[:n]
     accuracy(model, tokenizer, facts[:32])  # warm-up
-    t = time.perf_counter()
-    accuracy(model, tokenizer, facts)
-    batched = len(facts) / (time.perf_counter() - t)
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for ex in facts[:loop_n]:
-            ids = torch.tensor([encode_prompt(tokenizer, ex.prompt_messages)])
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
-                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    looped = loop_n / (time.perf_counter() - t)
-    return {"batched_facts_per_second": batched, "loop_facts_per_second": looped}
+    batched, looped = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        accuracy(model, tokenizer, facts)
+        batched.append(len(facts) / (time.perf_counter() - t))
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for ex in facts[:loop_n]:
+                ids = torch.tensor([encode_prompt(tokenizer, ex.prompt_messages)])
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               max_new_tokens=16, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+        looped.append(loop_n / (time.perf_counter() - t))
+    return {"batched_facts_per_second": statistics.median(batched),
+            "loop_facts_per_second": statistics.median(looped),
+            "batched_runs": batched, "loop_runs": looped}
 
 
 def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
+
+
+def _median_step(runs: list[dict]) -> float:
+    """The median step time over every step of every repeat (one step in 60 is an epoch's
+    last, half-full batch, on every side alike: a median barely notices it)."""
+    return statistics.median(t for r in runs for t in r["step_seconds"])
 
 
 def _peer_runs(world: Path, steps: int, log) -> dict[str, list[dict]]:
@@ -190,9 +205,7 @@ def _peer_runs(world: Path, steps: int, log) -> dict[str, list[dict]]:
         stamps: list[float] = []
         train(_job(world, spec, examples),
               Callbacks(on_metrics=lambda m: stamps.append(time.perf_counter())))
-        stamps = stamps[: steps + 1]  # the same number of steps as theirs
-        return {"steps": len(stamps) - 1, "seconds": stamps[-1] - stamps[0],
-                "examples_per_second": (len(stamps) - 1) * BATCH / (stamps[-1] - stamps[0])}
+        return peers.rate(stamps[: steps + 1], BATCH)  # the same number of steps as theirs
 
     runs: dict[str, list[dict]] = {"ours": [], "hf_trainer": [], "trl_sft_trainer": []}
     have_trl = peers.trl_available()
@@ -236,11 +249,16 @@ def run_speed(steps: int, log=print) -> dict:
     mem_sd = peak_memory_of_step(world, "self_distillation")
     mem_live = peak_memory_of_step(world, "self_distillation", teacher_cache="off")
     score = scoring(world)
-    ours_eps = _median(peers_runs["ours"], "examples_per_second")
     trl = peers_runs["trl_sft_trainer"]
+    ours_step, hf_step = (_median_step(peers_runs[k]) for k in ("ours", "hf_trainer"))
+    ours_eps = _median(peers_runs["ours"], "examples_per_second")
     return {
-        "trainer_vs_hf": ours_eps / _median(peers_runs["hf_trainer"], "examples_per_second"),
-        "trainer_vs_trl": ours_eps / _median(trl, "examples_per_second") if trl else None,
+        "trainer_vs_hf": hf_step / ours_step,
+        "trainer_vs_trl": _median_step(trl) / ours_step if trl else None,
+        "trainer_vs_hf_mean_rate": ours_eps / _median(peers_runs["hf_trainer"],
+                                                      "examples_per_second"),
+        "trainer_vs_trl_mean_rate": (ours_eps / _median(trl, "examples_per_second")
+                                     if trl else None),
         "sd_over_sft_time": lora["ratio"],
         "sd_over_sft_time_full": full["ratio"],
         "sd_over_sft_time_live": live["ratio"],
@@ -269,6 +287,10 @@ def main(args) -> int:
         print(f"| {key} | {shown} | {op} {target} |")
     for key in ("sd_over_sft_time_live", "sd_over_sft_memory_live"):
         print(f"| {key} | {figures[key]:.3f} | (teacher_cache=off, for comparison) |")
+    for key in ("trainer_vs_hf_mean_rate", "trainer_vs_trl_mean_rate"):
+        value = figures[key]
+        shown = "n/a" if value is None else f"{value:.3f}"
+        print(f"| {key} | {shown} | (median of the repeats' mean rates, for comparison) |")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, default=float))
     return 0
