@@ -26,8 +26,9 @@ from trainer.spec import (
 # take a NUL), and a pattern also turns away lone surrogates, which cannot be encoded.
 ObjectId = Annotated[str, Path(min_length=1, pattern=NO_CONTROL_CHARS,
                                description="The object's id (another tenant's objects: 404).")]
-PageAfter = Annotated[str | None, Query(pattern=NO_CONTROL_CHARS, description="Cursor: the id "
-                                        "of the last object of the previous page (400 if none).")]
+PageAfter = Annotated[str | None, Query(min_length=1, pattern=NO_CONTROL_CHARS,
+                                        description="Cursor: the id of the last object of the "
+                                        "previous page (400 if none).")]
 PageLimit = Annotated[int, Query(ge=1, le=100, description="Objects per page, 1 to 100.")]
 TextFilter = Annotated[str | None, Query(pattern=NO_CONTROL_CHARS)]
 # OpenAI's metadata limits. Spelled out for the document too: pydantic would put the key pattern
@@ -51,9 +52,11 @@ async def metadata_filters(request: Request) -> dict[str, str]:
     for name, value in request.query_params.multi_items():
         if name.startswith("metadata[") and name.endswith("]"):
             key = name[len("metadata["):-1]
-            if len(key) > 64 or len(value) > 512 or not _NO_CONTROL.fullmatch(key + value):
-                raise APIError(400, f"Invalid '{name}': metadata keys are at most 64 characters, "
-                                    "values at most 512, neither with control characters.",
+            if (not 1 <= len(key) <= 64 or len(value) > 512
+                    or not _NO_CONTROL.fullmatch(key + value)):
+                raise APIError(400, f"Invalid '{name}': a filter names its key, as in "
+                                    "metadata[team]=search; keys are 1 to 64 characters, values "
+                                    "at most 512, neither with control characters.",
                                param=name, code="invalid_value")
             filters[key] = value
     return filters
@@ -64,7 +67,7 @@ metadata_filters.openapi_parameters = [{
     "name": "metadata", "in": "query", "style": "deepObject", "explode": True,
     "description": "Only jobs whose metadata holds every pair given: metadata[team]=search.",
     "schema": {"type": "object",
-               "propertyNames": {"maxLength": 64, "pattern": NO_CONTROL_CHARS},
+               "propertyNames": {"minLength": 1, "maxLength": 64, "pattern": NO_CONTROL_CHARS},
                "additionalProperties": {"type": "string", "maxLength": 512,
                                         "pattern": NO_CONTROL_CHARS}}}]
 

@@ -358,6 +358,11 @@ CASES = [
     Case("page-metadata-filter-after-missing", "GET", "/v1/fine_tuning/jobs",
          params={"metadata[team]": "x", "after": "ftjob-nope"}),
     Case("page-status-bogus", "GET", "/v1/fine_tuning/jobs", params={"status": "exploded"}),
+    # What Schemathesis sends for a number or an object where the document wants an object or a
+    # string: an unnamed metadata key and an empty cursor (both were answered 200 before).
+    Case("page-metadata-filter-no-key", "GET", "/v1/fine_tuning/jobs",
+         params={"metadata[]": "4.3e35"}),
+    Case("page-after-empty", "GET", "/v1/fine_tuning/jobs", params={"after": ""}),
     # -- webhooks
     Case("webhook-url-ftp", "POST", "/v1/webhooks", json={"url": "ftp://example.com/h"}),
     Case("webhook-url-javascript", "POST", "/v1/webhooks", json={"url": "javascript:alert(1)"}),

@@ -115,6 +115,10 @@ def test_request_schemas_are_as_strict_as_validation(app, doc):
     metadata = job["properties"]["metadata"]["anyOf"][0]
     assert metadata["maxProperties"] == 16 and metadata["propertyNames"]["maxLength"] == 64
     assert metadata["additionalProperties"]["maxLength"] == 512
+    # A list filter names its key, and a cursor is an id: neither may be empty.
+    listing = {p["name"]: p for p in doc["paths"]["/v1/fine_tuning/jobs"]["get"]["parameters"]}
+    assert listing["metadata"]["schema"]["propertyNames"]["minLength"] == 1
+    assert listing["after"]["schema"]["anyOf"][0]["minLength"] == 1
     assert "allOf" in schemas["Method"] and "not" in schemas["SupervisedHyperparameters"]
     trainable = schemas["FrozenGroupsHyperparameters"]["properties"]["trainable"]["items"]
     assert trainable["pattern"].startswith("^(attention|")
