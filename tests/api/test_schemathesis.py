@@ -16,6 +16,7 @@ No worker runs: a created job only waits in the queue (max_running_jobs is lifte
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import uuid
@@ -33,6 +34,11 @@ pytestmark = pytest.mark.slow
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 MAX_EXAMPLES = 100  # per operation and phase: the whole run takes about a minute on 2 cores
+# A gate replays the same requests every run, so a red CI means the code changed, not the dice.
+# To explore (as a new user's `st run` does, and as found the cases in test_hostile_input's
+# "Schemathesis sends" rows), run with DRIFTSAFE_SCHEMATHESIS_SEED=random, or another number.
+_SEED = os.environ.get("DRIFTSAFE_SCHEMATHESIS_SEED", "0")
+SEED = None if _SEED == "random" else int(_SEED)
 QA_FILE = "".join(json.dumps({"question": f"Where was Person {i} born ?", "answer": f"City{i}"})
                   + "\n" for i in range(4)).encode()
 PUBLIC_HOST = "93.184.215.14"  # a global unicast address: accepted without DNS; never called
@@ -98,6 +104,7 @@ def test_api_behaves_as_its_openapi_document_says(live):
         "auth": {"openapi": {"bearerAuth": {"bearer": live.key}}},
         "workers": 1,
         "request-timeout": 30,
+        **({"seed": SEED} if SEED is not None else {}),
     })
     schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json", config=config)
     failures, errors, tested = _run(schema)
