@@ -131,8 +131,8 @@ def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
 def lean_lora_forward(model) -> int:
     """Route the model's LoRA Linear layers through `_lora_linear_forward` (the same outputs:
     bit for bit in float32 on the built-in model, ~5% of a training step there; under CUDA
-    autocast one addmm rounds once where PEFT rounds three times, so the last bits differ). Returns how many. Only
-    our loop's models: the bench's peers keep stock PEFT."""
+    autocast one addmm rounds once where PEFT rounds three times, so the last bits differ).
+    Returns how many. Only our loop's models: the bench's peers keep stock PEFT."""
     import types
 
     from peft.tuners.lora.layer import Linear
