@@ -208,7 +208,7 @@ def build(teacher, encoded: list[Encoded], positions: str, temperature: float, m
                 <= BUILD_TOKENS:
             end += 1
             width = len(encoded[order[end - 1]].input_ids)
-        group = order[start:end]
+        group, start = order[start:end], end
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in group], pad_id).items()}
         where = torch.zeros(len(group), width - 1, dtype=torch.bool)
         for row, i in enumerate(group):
@@ -222,7 +222,6 @@ def build(teacher, encoded: list[Encoded], positions: str, temperature: float, m
             if values is None:
                 values = torch.empty(total, hidden.size(-1), dtype=hidden.dtype, device=device)
             values[dest] = hidden
-            start = end
             continue
         with autocast():
             logits = teacher.logits_at(batch["input_ids"], batch["attention_mask"],
@@ -246,7 +245,6 @@ def build(teacher, encoded: list[Encoded], positions: str, temperature: float, m
             indices[rows] = top.indices.int()
             # The tail's log-mass from its own terms, not log(1 - kept): exact when it is tiny.
             rest[rows] = logp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
-        start = end
     if values is None:  # no KL positions at all
         values = torch.empty(0, 0, device=device)
     return TeacherCache(temperature, offsets, values, indices, rest, head)
