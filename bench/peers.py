@@ -72,7 +72,7 @@ def rate(stamps: list[float], batch: int) -> dict:
     seconds = stamps[-1] - stamps[0]
     return {"steps": len(stamps) - 1, "seconds": seconds,
             "examples_per_second": (len(stamps) - 1) * batch / seconds,
-            "step_seconds": [b - a for a, b in zip(stamps, stamps[1:])]}
+            "step_times": [b - a for a, b in zip(stamps, stamps[1:])]}
 
 
 def hf_trainer(world: Path, examples, spec, batch: int, steps: int) -> dict:

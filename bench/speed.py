@@ -188,7 +188,7 @@ def _median(runs: list[dict], key: str) -> float:
 def _median_step(runs: list[dict]) -> float:
     """The median step time over every step of every repeat (one step in 60 is an epoch's
     last, half-full batch, on every side alike: a median barely notices it)."""
-    return statistics.median(t for r in runs for t in r["step_seconds"])
+    return statistics.median(t for r in runs for t in r["step_times"])
 
 
 def _peer_runs(world: Path, steps: int, log) -> dict[str, list[dict]]:
