@@ -64,11 +64,34 @@ def _fed(input_ids: torch.Tensor, attention_mask: torch.Tensor, where: torch.Ten
 def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               where: torch.Tensor, **forward_kwargs) -> torch.Tensor:
     """The last hidden state [N, H] at the positions `where`, in row-major order: what the LM
-    head reads, for a model with a plain one (`_has_plain_lm_head`)."""
+    head reads, for a model with a plain one (`_has_plain_lm_head`). The last layer runs on the
+    loss window only where the model allows it (`trainer.last_layer`)."""
+    from trainer import last_layer
+
     input_ids, attention_mask = _fed(input_ids, attention_mask, where, forward_kwargs)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 **forward_kwargs)[0]
+    decoder = model.get_decoder()
+    cache = _plain_cache(attention_mask, forward_kwargs)
+    if cache is not False and last_layer.supported(decoder):
+        start = last_layer.window_start(where)
+        if start >= last_layer.MIN_SAVED:
+            return last_layer.windowed_hidden(decoder, input_ids, start,
+                                              cache)[where[:, start:]]
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)[0]
     return hidden[where]
+
+
+def _plain_cache(attention_mask: torch.Tensor | None, forward_kwargs: dict):
+    """None where the forward has no KV cache and no padding mask; the cache where it has only
+    a DynamicCache (its argument and use_cache) and a mask of ones; else False."""
+    from transformers import DynamicCache
+
+    given = {k: v for k, v in forward_kwargs.items() if k != "use_cache"}
+    if attention_mask is not None and not bool(attention_mask.all()):
+        return False
+    if not given:
+        return None if attention_mask is None else False
+    cache = next(iter(given.values()))
+    return cache if len(given) == 1 and type(cache) is DynamicCache else False
 
 
 def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
