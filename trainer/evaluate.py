@@ -14,12 +14,14 @@ import torch
 from trainer.data import Example
 from trainer.drift import cosine_drift, subject_spans, subject_vectors
 from trainer.scoring import (
+    PreparedFacts,
     answer_logprobs,
     answer_margin,
     greedy_answers,
     is_correct,
     mean_kl,
     normalize,
+    prepare_facts,
 )
 from trainer.vocab_chunks import TopLogprobs
 from trainer.world import entity_of
@@ -33,11 +35,11 @@ class Baseline:
     subject_vectors: torch.Tensor | None  # base hidden state at held-out entities (drift)
 
 
-def _correct(model, tokenizer, facts: list[Example], match: str = "exact"
+def _correct(model, tokenizer, facts: PreparedFacts, match: str = "exact"
              ) -> tuple[torch.Tensor, list[str]]:
-    answers = greedy_answers(model, tokenizer, facts, margin=answer_margin(match))
-    return torch.tensor([is_correct(a, f.answers, match) for a, f in zip(answers, facts)],
-                        dtype=torch.bool), answers
+    answers = greedy_answers(model, tokenizer, facts)
+    return torch.tensor([is_correct(a, f.answers, match)
+                         for a, f in zip(answers, facts.examples)], dtype=torch.bool), answers
 
 
 def _mean(mask: torch.Tensor) -> float | None:
@@ -99,10 +101,19 @@ class KnowledgeProbe:
         self.base: Baseline | None = None
         self.seen = seen_entity_mask(train_examples, self.known)  # None: strata unknown
         self._spans = None  # held-out prompts and their entity tokens, for representation drift
+        # Asked at every checkpoint: rendered and tokenized once, on first use.
+        self._prepared: dict[str, PreparedFacts] = {}
+
+    def _ready(self, which: str) -> PreparedFacts:
+        if which not in self._prepared:
+            self._prepared[which] = prepare_facts(
+                self.tokenizer, self.train if which == "train" else self.known,
+                margin=answer_margin(self.match))
+        return self._prepared[which]
 
     def baseline(self, model) -> Baseline:
-        train_known, _ = _correct(model, self.tokenizer, self.train, self.match)
-        heldout, _ = _correct(model, self.tokenizer, self.known, self.match)
+        train_known, _ = _correct(model, self.tokenizer, self._ready("train"), self.match)
+        heldout, _ = _correct(model, self.tokenizer, self._ready("known"), self.match)
         logprobs = answer_logprobs(model, self.tokenizer, self.known)
         self.base = Baseline(train_known, heldout, logprobs, self._subject_vectors(model))
         return self.base
@@ -115,8 +126,8 @@ class KnowledgeProbe:
     def measure(self, model) -> dict:
         """Every metric of the report, as fractions in [0, 1] (None where a set is empty)."""
         assert self.base is not None, "baseline() first"
-        train_ok, _ = _correct(model, self.tokenizer, self.train, self.match)
-        heldout_ok, answers = _correct(model, self.tokenizer, self.known, self.match)
+        train_ok, _ = _correct(model, self.tokenizer, self._ready("train"), self.match)
+        heldout_ok, answers = _correct(model, self.tokenizer, self._ready("known"), self.match)
         base_acc = _mean(self.base.heldout_correct) or 0.0
         tuned_acc = _mean(heldout_ok) or 0.0
         was_right = self.base.heldout_correct

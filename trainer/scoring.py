@@ -17,6 +17,7 @@ import json
 import re
 import string
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -46,19 +47,29 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def greedy_answers(model, tokenizer, facts, *, batch_size: int = 256,
-                   max_new_tokens: int | None = None, margin: int | None = None,
-                   verify: bool = True) -> list[str]:
-    """Greedy answers for many prompts: left-padded batches, longest first, one `generate` each.
+@dataclass(frozen=True)
+class PreparedFacts:
+    """Facts made ready to ask: prompts rendered and tokenized, accepted answers' tokens
+    (`trainer.verification.forced_answer_ids`) and each batch's token budget worked out. None
+    of it depends on the model, so a job that asks the same facts at every checkpoint prepares
+    them once (`KnowledgeProbe`): on the built-in model that is a fifth of a checkpoint's
+    scoring time, most of it the chat template rendered per prompt."""
 
-    Decoding settings are explicit (`trainer.generation`); `max_new_tokens` defaults to the
-    longest accepted answer of the batch plus a margin. With `verify`, answers one teacher-forced
-    pass proves greedy (`trainer.verification`) are not generated: their batches generate only
-    the rest. `verify=False` generates every answer (the reference the fast path is tested
-    against).
-    """
-    from trainer.generation import answer_budget, answer_lengths, generate_greedy
-    from trainer.verification import forced_answer_ids, verified_answers
+    examples: list[Example]
+    prompts: list[list[int]]
+    batches: list[list[int]]  # fact indices, longest prompts first
+    budgets: list[int]  # max_new_tokens per batch
+    candidates: list[list[list[int]]]  # per fact, its accepted answers' forced tokens
+    batch_size: int
+
+
+def prepare_facts(tokenizer, facts, *, batch_size: int = 256, max_new_tokens: int | None = None,
+                  margin: int | None = None) -> PreparedFacts:
+    """`facts` (Examples or rows) ready for `greedy_answers`: left-padded batches, longest
+    first; `max_new_tokens` defaults to the longest accepted answer of the batch plus a
+    margin."""
+    from trainer.generation import answer_budget, answer_lengths
+    from trainer.verification import forced_answer_ids
 
     examples = _as_examples(facts)
     prompts = encode_prompts(tokenizer, [ex.prompt_messages for ex in examples])
@@ -68,20 +79,44 @@ def greedy_answers(model, tokenizer, facts, *, batch_size: int = 256,
     budgets = [max_new_tokens or answer_budget(
         tokenizer, {a for i in idx for a in examples[i].answers}, lengths=lengths,
         **({"margin": margin} if margin is not None else {})) for idx in batches]
+    unique = list(lengths)  # every accepted answer, once
+    forced = dict(zip(unique, forced_answer_ids(tokenizer, unique)))
+    candidates = [[forced[a] for a in dict.fromkeys(ex.answers) if forced[a]]
+                  for ex in examples]
+    return PreparedFacts(examples, prompts, batches, budgets, candidates, batch_size)
+
+
+PREPARE_OPTIONS = ("batch_size", "max_new_tokens", "margin")
+
+
+def greedy_answers(model, tokenizer, facts, *, batch_size: int = 256,
+                   max_new_tokens: int | None = None, margin: int | None = None,
+                   verify: bool = True) -> list[str]:
+    """Greedy answers for many prompts: left-padded batches, longest first, one `generate` each.
+
+    `facts`: Examples or rows, prepared here with `batch_size`, `max_new_tokens` and `margin`
+    (`prepare_facts`), or `PreparedFacts` (those three are then the prepared ones). Decoding
+    settings are explicit (`trainer.generation`). With `verify`, answers one teacher-forced pass
+    proves greedy (`trainer.verification`) are not generated: their batches generate only the
+    rest. `verify=False` generates every answer (the reference the fast path is tested against).
+    """
+    from trainer.generation import generate_greedy
+    from trainer.verification import verified_answers
+
+    ready = facts if isinstance(facts, PreparedFacts) else prepare_facts(
+        tokenizer, facts, batch_size=batch_size, max_new_tokens=max_new_tokens, margin=margin)
+    prompts = ready.prompts
     device = model_device(model)
     was_training = model.training
     model.eval()
-    answers: list[str | None] = [None] * len(examples)
+    answers: list[str | None] = [None] * len(prompts)
     if verify:
-        unique = list(lengths)  # every accepted answer, once
-        forced = dict(zip(unique, forced_answer_ids(tokenizer, unique)))
-        candidates = [[forced[a] for a in dict.fromkeys(ex.answers) if forced[a]]
-                      for ex in examples]
-        budget_of = {i: budget for idx, budget in zip(batches, budgets) for i in idx}
-        answers = verified_answers(model, tokenizer, prompts, candidates,
-                                   [budget_of[i] for i in range(len(examples))], device,
-                                   batch_size)
-    for idx, budget in zip(batches, budgets):
+        budget_of = {i: budget for idx, budget in zip(ready.batches, ready.budgets)
+                     for i in idx}
+        answers = verified_answers(model, tokenizer, prompts, ready.candidates,
+                                   [budget_of[i] for i in range(len(prompts))], device,
+                                   ready.batch_size)
+    for idx, budget in zip(ready.batches, ready.budgets):
         rest = [i for i in idx if answers[i] is None]
         if rest:
             got = generate_greedy(model, tokenizer, [prompts[i] for i in rest], budget, device)
@@ -123,11 +158,15 @@ def answer_margin(match: str) -> int | None:
 
 
 def accuracy(model, tokenizer, facts, match: str = "exact", **kw) -> torch.Tensor:
-    """Bool tensor: which facts the model answers right (greedy, normalised `match`)."""
-    examples = _as_examples(facts)
-    kw.setdefault("margin", answer_margin(match))
-    answers = greedy_answers(model, tokenizer, examples, **kw)
-    return torch.tensor([is_correct(a, ex.answers, match) for a, ex in zip(answers, examples)])
+    """Bool tensor: which facts the model answers right (greedy, normalised `match`). `facts`
+    may be `PreparedFacts`, prepared with `margin=answer_margin(match)`."""
+    if not isinstance(facts, PreparedFacts):
+        kw.setdefault("margin", answer_margin(match))
+        facts = prepare_facts(tokenizer, facts, **{k: kw.pop(k) for k in PREPARE_OPTIONS
+                                                   if k in kw})
+    answers = greedy_answers(model, tokenizer, facts, **kw)
+    return torch.tensor([is_correct(a, ex.answers, match)
+                         for a, ex in zip(answers, facts.examples)])
 
 
 @torch.inference_mode()
