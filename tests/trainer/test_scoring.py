@@ -186,3 +186,25 @@ def test_a_sliding_window_model_generates_its_misses_from_scratch(builtin_world,
     shorter = min(len(encode_prompt(tok, f.prompt_messages)) for f in facts["unknown"][:20])
     assert shorter > config.sliding_window
     assert_same_as_generation(model, tok, facts["known"][:20] + facts["unknown"][:20])
+
+
+def test_prepared_facts_score_as_raw_ones_and_a_probe_prepares_its_facts_once(
+        builtin_world, facts, monkeypatch):
+    """A job asks the same facts at every checkpoint: they are rendered and tokenized once."""
+    from trainer import evaluate, scoring
+
+    tok, model = load(builtin_world)
+    some = facts["known"][:30] + facts["unknown"][:30]
+    prepared = scoring.prepare_facts(tok, some, margin=scoring.answer_margin("prefix"))
+    assert greedy_answers(model, tok, prepared) == greedy_answers(
+        model, tok, some, margin=scoring.answer_margin("prefix"))
+    assert accuracy(model, tok, prepared, "prefix").tolist() == accuracy(
+        model, tok, some, "prefix").tolist()
+    calls = []
+    real = evaluate.prepare_facts
+    monkeypatch.setattr(evaluate, "prepare_facts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    probe = evaluate.KnowledgeProbe(tok, facts["unknown"][:20], facts["known"][:20], 0.05)
+    probe.baseline(model)
+    first, second = probe.measure(model), probe.measure(model)
+    assert len(calls) == 2  # the training facts and the held-out ones, once each
+    assert first == second and first["forgetting"] == 0.0
