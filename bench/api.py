@@ -99,6 +99,16 @@ def _bare_job_object(row) -> dict:
             "trained_tokens": None, "error": None, "seed": row.seed, "metadata": None}
 
 
+def _driftsafe_pool() -> dict:
+    """driftsafe's default pool sizes, which the bare app takes too: a smaller pool than the
+    requests in flight would have it open and close connections under load."""
+    from store.settings import Settings
+
+    fields = Settings.model_fields
+    return {"pool_size": fields["db_pool_size"].default,
+            "max_overflow": fields["db_max_overflow"].default}
+
+
 def bare_app():
     """The bare reference app (a uvicorn factory): reads BENCH_BARE_DATABASE_URL,
     BENCH_BARE_SECRET and BENCH_BARE_STYLE (sync, the default, or async)."""
@@ -139,7 +149,7 @@ def bare_app():
     if style == "async":
         from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-        engine = create_async_engine(url, pool_size=20, max_overflow=20)
+        engine = create_async_engine(url, **_driftsafe_pool())
         sessions = async_sessionmaker(engine, expire_on_commit=False)
 
         async def get_session():
@@ -174,7 +184,7 @@ def bare_app():
         from sqlalchemy import create_engine
         from sqlalchemy.orm import Session, sessionmaker
 
-        engine = create_engine(url, pool_size=20, max_overflow=20)
+        engine = create_engine(url, **_driftsafe_pool())
         sync_sessions = sessionmaker(engine, expire_on_commit=False)
 
         def get_sync_session():

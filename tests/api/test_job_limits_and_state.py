@@ -168,3 +168,18 @@ def test_a_small_pool_serves_concurrent_idempotent_posts_without_deadlock(settin
         with ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(post, range(8)))
     assert codes == [200] * 8
+
+
+def test_the_pool_keeps_a_connection_for_every_request_thread():
+    """Sync routes run in anyio's worker threads, each request's session holding one pooled
+    connection: with fewer pooled connections than threads, a burst of requests opens overflow
+    connections and closes them again (a PostgreSQL backend forked per connection)."""
+    import anyio
+    import anyio.to_thread
+
+    from store.settings import Settings
+
+    async def threads() -> int:
+        return int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+
+    assert Settings().db_pool_size >= anyio.run(threads)
