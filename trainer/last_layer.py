@@ -39,8 +39,11 @@ def supported(decoder) -> bool:
     config = decoder.config
     if config.model_type not in SUPPORTED or config._attn_implementation != "sdpa":
         return False
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+    layer_types = getattr(config, "layer_types", None)
+    if any(t != "full_attention" for t in layer_types or ()):
         return False
+    if not layer_types and getattr(config, "sliding_window", None) is not None:
+        return False  # a KV cache built from this config keeps a window of keys only
     last = _layers(decoder)[-1]
     if getattr(last, "gradient_checkpointing", False):
         return False  # a checkpointed layer drops the KV cache it is given

@@ -125,6 +125,12 @@ def test_the_whole_forward_is_kept_where_the_window_would_not_be_exact(builtin_w
                  num_attention_heads=4, num_key_value_heads=4)
     windowed = MistralForCausalLM(MistralConfig(**small, sliding_window=6))
     assert not last_layer.supported(windowed.get_decoder())  # not a known layer shape
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # Llama's attention ignores sliding_window, but a DynamicCache built from the config keeps
+    # only that many keys: the prefix's would be cut (a review found the crash)
+    llama_window = LlamaForCausalLM(LlamaConfig(**small, sliding_window=4))
+    assert not last_layer.supported(llama_window.get_decoder())
     eager = _builtin(builtin_world, lora=False)
     eager.config._attn_implementation = "eager"  # wants an additive mask, not a bool one
     assert not last_layer.supported(eager.get_decoder())
