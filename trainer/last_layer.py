@@ -95,7 +95,8 @@ def windowed_hidden(decoder, input_ids: torch.Tensor, start: int, cache=None) ->
     keys = attn.k_proj(prefix).view(shape).transpose(1, 2)
     values = attn.v_proj(prefix).view(shape).transpose(1, 2)
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    _, keys = rotary(keys, keys, cos[:, :start], sin[:, :start])
+    # rotates queries and keys: a one-element "query" broadcasts, so only the keys cost
+    _, keys = rotary(keys[:1, :1, :1], keys, cos[:, :start], sin[:, :start])
     cache = cache if cache is not None else DynamicCache(config=decoder.config)
     cache.update(keys, values, attn.layer_idx)
     # ... then the layer itself on the window: query w sees keys up to its own position.

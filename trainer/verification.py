@@ -145,9 +145,10 @@ def _greedy_is_candidate(model, prompts: Sequence[list[int]], candidates: Sequen
     name, cache = _head_cache(model, rows, depth, device)
     ids = torch.tensor([r[depth:] for r in rows], device=device)
     # The prompt's last position predicts the candidate's first token, and so on.
-    where = torch.tensor([[len(p) - 1 <= depth + k < len(p) - 1 + len(c)
-                           for k in range(ids.size(1))] for p, c in zip(prompts, candidates)],
-                         device=device)
+    first = torch.tensor([len(p) - 1 - depth for p in prompts], device=device)
+    count = torch.tensor([len(c) for c in candidates], device=device)
+    columns = torch.arange(ids.size(1), device=device)
+    where = (columns >= first[:, None]) & (columns < (first + count)[:, None])
     mask = torch.ones((len(rows), depth + ids.size(1)), dtype=torch.long, device=device)
     logits = logits_at(model, ids, mask, where, **{name: cache, "use_cache": True})
     tolerance = TIE_TOLERANCE.get(logits.dtype, 5e-2)
