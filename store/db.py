@@ -26,7 +26,7 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def make_engine(url: str, pool_size: int = 40, max_overflow: int = 20) -> Engine:
+def make_engine(url: str, pool_size: int = 40, max_overflow: int = 10) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -60,7 +60,7 @@ def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
 
 
 @lru_cache
-def engine_for(url: str, pool_size: int = 40, max_overflow: int = 20) -> Engine:
+def engine_for(url: str, pool_size: int = 40, max_overflow: int = 10) -> Engine:
     engine = make_engine(url, pool_size, max_overflow)
     _engines_made.append(engine)
     return engine

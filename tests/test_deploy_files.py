@@ -54,3 +54,17 @@ def test_images_use_commands_that_exist():
     dockerfile = (ROOT / "Dockerfile").read_text()
     for package in ("api", "worker", "trainer", "store", "cli"):
         assert f"COPY {package} {package}" in dockerfile
+
+
+def test_postgres_takes_the_connections_the_api_processes_keep():
+    """Each API process keeps up to db_pool_size + db_max_overflow connections open (one per
+    request thread): PostgreSQL's limit must hold two API replicas of the compose file's process
+    count and a dozen workers of a few connections each."""
+    services = compose()["services"]
+    command = services["postgres"]["command"]
+    limit = int(command[command.index("-c") + 1].split("=")[1])
+    api = services["api"]["command"]
+    processes = int(api[api.index("--workers") + 1])
+    fields = Settings.model_fields
+    per_process = fields["db_pool_size"].default + fields["db_max_overflow"].default
+    assert limit >= 2 * processes * per_process + 12 * 4
