@@ -61,10 +61,15 @@ class PreparedFacts:
     budgets: list[int]  # max_new_tokens per batch
     candidates: list[list[list[int]]]  # per fact, its accepted answers' forced tokens
     batch_size: int
+    max_new_tokens: int | None  # as prepared: the budgets above follow from these
+    margin: int | None
 
 
-def prepare_facts(tokenizer, facts, *, batch_size: int = 256, max_new_tokens: int | None = None,
-                  margin: int | None = None) -> PreparedFacts:
+BATCH_SIZE = 256
+
+
+def prepare_facts(tokenizer, facts, *, batch_size: int = BATCH_SIZE,
+                  max_new_tokens: int | None = None, margin: int | None = None) -> PreparedFacts:
     """`facts` (Examples or rows) ready for `greedy_answers`: left-padded batches, longest
     first; `max_new_tokens` defaults to the longest accepted answer of the batch plus a
     margin."""
@@ -83,19 +88,28 @@ def prepare_facts(tokenizer, facts, *, batch_size: int = 256, max_new_tokens: in
     forced = dict(zip(unique, forced_answer_ids(tokenizer, unique)))
     candidates = [[forced[a] for a in dict.fromkeys(ex.answers) if forced[a]]
                   for ex in examples]
-    return PreparedFacts(examples, prompts, batches, budgets, candidates, batch_size)
+    return PreparedFacts(examples, prompts, batches, budgets, candidates, batch_size,
+                         max_new_tokens, margin)
 
 
 PREPARE_OPTIONS = ("batch_size", "max_new_tokens", "margin")
 
 
-def greedy_answers(model, tokenizer, facts, *, batch_size: int = 256,
+def _check_prepared(facts: PreparedFacts, **options) -> None:
+    for name, value in options.items():
+        if value is not None and value != getattr(facts, name):
+            raise ValueError(f"these facts were prepared with {name}={getattr(facts, name)}, "
+                             f"not {value}: prepare them again to change it")
+
+
+def greedy_answers(model, tokenizer, facts, *, batch_size: int | None = None,
                    max_new_tokens: int | None = None, margin: int | None = None,
                    verify: bool = True) -> list[str]:
     """Greedy answers for many prompts: left-padded batches, longest first, one `generate` each.
 
-    `facts`: Examples or rows, prepared here with `batch_size`, `max_new_tokens` and `margin`
-    (`prepare_facts`), or `PreparedFacts` (those three are then the prepared ones). Decoding
+    `facts`: Examples or rows, prepared here with `batch_size` (BATCH_SIZE), `max_new_tokens`
+    and `margin` (`prepare_facts`), or `PreparedFacts`, whose own options hold (a different one
+    given here is an error, not silently ignored). Decoding
     settings are explicit (`trainer.generation`). With `verify`, answers one teacher-forced pass
     proves greedy (`trainer.verification`) are not generated: their batches generate only the
     rest. `verify=False` generates every answer (the reference the fast path is tested against).
@@ -103,8 +117,13 @@ def greedy_answers(model, tokenizer, facts, *, batch_size: int = 256,
     from trainer.generation import generate_greedy
     from trainer.verification import verified_answers
 
-    ready = facts if isinstance(facts, PreparedFacts) else prepare_facts(
-        tokenizer, facts, batch_size=batch_size, max_new_tokens=max_new_tokens, margin=margin)
+    options = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "margin": margin}
+    if isinstance(facts, PreparedFacts):
+        _check_prepared(facts, **options)
+        ready = facts
+    else:
+        ready = prepare_facts(tokenizer, facts, **{k: v for k, v in options.items()
+                                                   if v is not None})
     prompts = ready.prompts
     device = model_device(model)
     was_training = model.training
@@ -160,7 +179,11 @@ def answer_margin(match: str) -> int | None:
 def accuracy(model, tokenizer, facts, match: str = "exact", **kw) -> torch.Tensor:
     """Bool tensor: which facts the model answers right (greedy, normalised `match`). `facts`
     may be `PreparedFacts`, prepared with `margin=answer_margin(match)`."""
-    if not isinstance(facts, PreparedFacts):
+    if isinstance(facts, PreparedFacts):
+        if facts.max_new_tokens is None and facts.margin != answer_margin(match):
+            raise ValueError(f"facts prepared with margin={facts.margin} cannot be scored with "
+                             f"match={match!r}, which needs margin={answer_margin(match)}")
+    else:
         kw.setdefault("margin", answer_margin(match))
         facts = prepare_facts(tokenizer, facts, **{k: kw.pop(k) for k in PREPARE_OPTIONS
                                                    if k in kw})

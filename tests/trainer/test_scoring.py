@@ -200,6 +200,10 @@ def test_prepared_facts_score_as_raw_ones_and_a_probe_prepares_its_facts_once(
         model, tok, some, margin=scoring.answer_margin("prefix"))
     assert accuracy(model, tok, prepared, "prefix").tolist() == accuracy(
         model, tok, some, "prefix").tolist()
+    with pytest.raises(ValueError, match="margin"):  # "exact" gives answers no sentence room
+        accuracy(model, tok, prepared, "exact")
+    with pytest.raises(ValueError, match="batch_size"):
+        greedy_answers(model, tok, prepared, batch_size=8)
     calls = []
     real = evaluate.prepare_facts
     monkeypatch.setattr(evaluate, "prepare_facts", lambda *a, **k: calls.append(1) or real(*a, **k))
