@@ -214,12 +214,9 @@ def _load(artifacts: ArtifactStore, session, job: Job, file_id: str):
 
 def run_job(settings: Settings, job_id: str, worker_id: str) -> str | None:
     """Run the job if this worker can claim it; returns its final status (None: not claimed)."""
-    with session_scope(settings) as s:
-        job = claim_job(s, job_id, worker_id)
-        if job is None:
-            return None  # a duplicate message, a cancelled job, or another worker has it
-        add_event(s, job, "Fine-tuning job started." if job.attempts == 1 else
-                  f"Fine-tuning job started again (attempt {job.attempts}) on a new worker.")
+    job = with_db_retry(lambda: _claim(settings, job_id, worker_id), "claim")
+    if job is None:
+        return None  # a duplicate message, a cancelled job, or another worker has it
     artifacts = ArtifactStore(settings.artifacts_dir)
     # Beat from the moment of the claim: loading torch and the model can take longer than a
     # stale-heartbeat period, and a silent claimed job looks exactly like a dead worker.
@@ -229,6 +226,21 @@ def run_job(settings: Settings, job_id: str, worker_id: str) -> str | None:
             return _train(settings, artifacts, job, worker_id, beat)
         except Exception as e:  # noqa: BLE001 - every failure must end the row
             return _fail(settings, job, worker_id, e)
+
+
+def _claim(settings: Settings, job_id: str, worker_id: str) -> Job | None:
+    """Claim the job (queued -> running) and record its start. Retried by the caller on a
+    database error: the message that woke this worker is the job's only one (its send is
+    recorded), so a claim that raised left the job queued with no worker coming for it. Seen
+    on a slow machine: SQLite's 'database is locked' after its 30 s wait. A retry after the
+    claim committed but its event did not finds the job taken and returns None; the reaper then
+    requeues it from its stale heartbeat."""
+    with session_scope(settings) as s:
+        job = claim_job(s, job_id, worker_id)
+        if job is not None:
+            add_event(s, job, "Fine-tuning job started." if job.attempts == 1 else
+                      f"Fine-tuning job started again (attempt {job.attempts}) on a new worker.")
+        return job
 
 
 def _fail(settings: Settings, job: Job, worker_id: str, e: Exception) -> str:

@@ -38,3 +38,32 @@ def test_a_job_past_its_time_limit_stops(tmp_path):
     beat = runner._Beat(Settings(data_dir=tmp_path, secret_key="x"), "ftjob-x", "w",
                         deadline=0.0)
     assert beat.timed_out and beat.should_stop()
+
+
+def test_a_claim_the_database_refuses_is_retried_not_dropped(monkeypatch, tmp_path):
+    """The wake-up message is the job's only one: a claim that raised ('database is locked' on
+    SQLite, seen when a slow CI machine made a writer hold the lock past 30 s) left the job
+    queued forever. Now the claim is retried until the database takes it."""
+    from store.db import session_scope
+    from store.models import JobEvent
+    from tests.worker.test_reaper import add_job, setup
+
+    monkeypatch.setattr(runner.time, "sleep", lambda _s: None)
+    settings = setup(tmp_path)
+    job_id = add_job(settings, status="queued")
+    real, calls = runner.claim_job, []
+
+    def locked_once(session, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        return real(session, *args)
+
+    monkeypatch.setattr(runner, "claim_job", locked_once)
+    job = runner.with_db_retry(lambda: runner._claim(settings, job_id, "w1"), "claim")
+    assert job is not None and len(calls) == 2
+    with session_scope(settings) as s:
+        row = s.query(runner.Job).filter_by(id=job_id).one()
+        assert (row.status, row.worker_id, row.attempts) == ("running", "w1", 1)
+        assert s.query(JobEvent).filter_by(job_id=job_id).count() == 1
+    assert runner._claim(settings, job_id, "w2") is None  # claimed once, by one worker
