@@ -21,11 +21,11 @@ dropout masks than the plain path).
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
 
 import torch
+
+from trainer.losses import cache_argument
 
 SUPPORTED = frozenset({"llama", "qwen2"})  # same attention module shape, no q/k norms
 MIN_SAVED = 4  # positions the window must skip to be worth a second code path
@@ -56,13 +56,6 @@ def window_start(where: torch.Tensor) -> int:
     return int(where.any(dim=0).int().argmax())
 
 
-@functools.cache
-def _cache_argument(layer_class: type) -> str:
-    # transformers 5.x renames `past_key_values` to `cache`
-    return "cache" if "cache" in inspect.signature(layer_class.forward).parameters \
-        else "past_key_values"
-
-
 def _causal(queries: int, keys: int, first: int, device) -> torch.Tensor:
     """Bool mask [1, 1, queries, keys]: query i (at position first + i) sees keys 0..first+i."""
     seen = torch.arange(keys, device=device) <= torch.arange(first, first + queries,
@@ -82,9 +75,9 @@ def windowed_hidden(decoder, input_ids: torch.Tensor, start: int, cache=None) ->
     hidden = decoder.embed_tokens(input_ids)
     positions = torch.arange(past, past + width, device=device).unsqueeze(0)
     cos, sin = decoder.rotary_emb(hidden, position_ids=positions)
-    cache_kw = {} if cache is None else {_cache_argument(type(_layers(decoder)[-1])): cache}
-    body_mask = None if cache is None else _causal(width, past + width, past, device)
     *body, last = _layers(decoder)
+    cache_kw = {} if cache is None else {cache_argument(type(last)): cache}
+    body_mask = None if cache is None else _causal(width, past + width, past, device)
     for layer in body:
         hidden = layer(hidden, attention_mask=body_mask, position_ids=positions,
                        position_embeddings=(cos, sin), **cache_kw)
@@ -104,5 +97,5 @@ def windowed_hidden(decoder, input_ids: torch.Tensor, start: int, cache=None) ->
                                                          past + start, device),
                position_ids=positions[:, start:],
                position_embeddings=(cos[:, start:], sin[:, start:]),
-               **{_cache_argument(type(last)): cache})
+               **{cache_argument(type(last)): cache})
     return decoder.norm(out)

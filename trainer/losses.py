@@ -8,6 +8,9 @@ the full [batch, time, vocab] logits would dominate a step's memory.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +35,14 @@ def _has_plain_lm_head(model) -> bool:
     return (hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
             and not getattr(config, "final_logit_softcapping", None)
             and getattr(config, "logit_scale", None) in (None, 1, 1.0))
+
+
+@functools.cache
+def cache_argument(module_class: type) -> str:
+    """The name a model's or a decoder layer's forward takes its KV cache by: transformers 5.x
+    renames `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(module_class.forward).parameters \
+        else "past_key_values"
 
 
 def _padding_mask_needed(attention_mask: torch.Tensor, where: torch.Tensor) -> bool:

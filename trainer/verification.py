@@ -29,14 +29,12 @@ training (half its facts unknown) 1.05x, and facts the model does not know at al
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections import Counter
 from collections.abc import Sequence
 
 import torch
 
-from trainer.losses import logits_at
+from trainer.losses import cache_argument, logits_at
 from trainer.templates import answer_lead, end_of_turn_ids, turn_suffix
 
 # How far the top logit must beat the runner-up, relative to its size, for the argmax to stand
@@ -176,13 +174,6 @@ def _shared_depth(rows: Sequence[list[int]], longest: int) -> int:
     return best
 
 
-@functools.cache
-def _cache_argument(model_class: type) -> str:
-    # transformers 5.x renames `past_key_values` to `cache`
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters \
-        else "past_key_values"
-
-
 def _head_cache(model, rows: Sequence[list[int]], depth: int, device) -> tuple[str, object]:
     """A KV cache (and the model's argument name for it) holding every row's first `depth`
     tokens, computed once per distinct head: attention is causal, so they depend on nothing
@@ -190,7 +181,7 @@ def _head_cache(model, rows: Sequence[list[int]], depth: int, device) -> tuple[s
     from transformers import DynamicCache
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT
-    name, cache = _cache_argument(type(inner)), DynamicCache(config=model.config)
+    name, cache = cache_argument(type(inner)), DynamicCache(config=model.config)
     if depth:
         heads: dict[tuple[int, ...], int] = {}
         group = [heads.setdefault(tuple(r[:depth]), len(heads)) for r in rows]
