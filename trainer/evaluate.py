@@ -101,19 +101,14 @@ class KnowledgeProbe:
         self.base: Baseline | None = None
         self.seen = seen_entity_mask(train_examples, self.known)  # None: strata unknown
         self._spans = None  # held-out prompts and their entity tokens, for representation drift
-        # Asked at every checkpoint: rendered and tokenized once, on first use.
-        self._prepared: dict[str, PreparedFacts] = {}
-
-    def _ready(self, which: str) -> PreparedFacts:
-        if which not in self._prepared:
-            self._prepared[which] = prepare_facts(
-                self.tokenizer, self.train if which == "train" else self.known,
-                margin=answer_margin(self.match))
-        return self._prepared[which]
+        # Asked at every checkpoint: rendered and tokenized once.
+        self.train_ready, self.known_ready = (
+            prepare_facts(tokenizer, facts, margin=answer_margin(match))
+            for facts in (self.train, self.known))
 
     def baseline(self, model) -> Baseline:
-        train_known, _ = _correct(model, self.tokenizer, self._ready("train"), self.match)
-        heldout, _ = _correct(model, self.tokenizer, self._ready("known"), self.match)
+        train_known, _ = _correct(model, self.tokenizer, self.train_ready, self.match)
+        heldout, _ = _correct(model, self.tokenizer, self.known_ready, self.match)
         logprobs = answer_logprobs(model, self.tokenizer, self.known)
         self.base = Baseline(train_known, heldout, logprobs, self._subject_vectors(model))
         return self.base
@@ -126,8 +121,8 @@ class KnowledgeProbe:
     def measure(self, model) -> dict:
         """Every metric of the report, as fractions in [0, 1] (None where a set is empty)."""
         assert self.base is not None, "baseline() first"
-        train_ok, _ = _correct(model, self.tokenizer, self._ready("train"), self.match)
-        heldout_ok, answers = _correct(model, self.tokenizer, self._ready("known"), self.match)
+        train_ok, _ = _correct(model, self.tokenizer, self.train_ready, self.match)
+        heldout_ok, answers = _correct(model, self.tokenizer, self.known_ready, self.match)
         base_acc = _mean(self.base.heldout_correct) or 0.0
         tuned_acc = _mean(heldout_ok) or 0.0
         was_right = self.base.heldout_correct
