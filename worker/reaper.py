@@ -20,7 +20,7 @@ from sqlalchemy import delete, or_, select
 from store.db import session_factory, session_scope
 from store.jobstate import JobStatus, transition
 from store.models import IdempotencyRecord, Job
-from store.queue import BrokerEpoch, enqueue_job, send_wake_ups
+from store.queue import BrokerEpoch, enqueue_jobs, send_wake_ups
 from store.settings import Settings
 from worker.lifecycle import latest_checkpoint_step
 
@@ -84,7 +84,7 @@ def reap_once(settings: Settings, celery_app, epoch: BrokerEpoch | None = None) 
     if lost_all:
         log.warning("the broker lost its messages (restarted without persistence); re-sending "
                     "every queued job")
-    send_wake_ups(lambda job_id, limit: enqueue_job(celery_app, job_id, limit),
+    send_wake_ups(lambda jobs: enqueue_jobs(celery_app, jobs),
                   session_factory(settings), settings, unsent_jobs(settings, lost_all))
     purge_idempotency(settings)
 

@@ -114,7 +114,7 @@ def test_wake_up_is_recorded_after_the_response_and_a_down_broker_costs_nothing(
     calls = []
 
     class DownBroker:
-        def send_task(self, *a, **kw):
+        def producer_or_acquire(self, *a, **kw):  # where every send starts
             calls.append(time.monotonic())
             raise ConnectionError("broker down")
 

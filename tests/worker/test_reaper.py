@@ -140,3 +140,45 @@ def test_status_strings_live_in_one_place(status):
 
     assert JobStatus(status) in ACTIVE and not ACTIVE & FINISHED
     assert {s.value for s in ACTIVE | FINISHED} == {s.value for s in JobStatus}
+
+
+def test_wake_ups_go_to_redis_together_as_messages_a_worker_reads(monkeypatch):
+    """A batch of wake-ups is one pipelined round trip, and each is a whole Celery message for
+    its job, with the job's time limits; an unreachable broker sends none and says so."""
+    import base64
+    import json
+
+    import redis
+    from redis.client import Pipeline
+
+    from store.queue import QUEUE, RUN_JOB, enqueue_jobs
+
+    url = "redis://127.0.0.1:6379/12"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    executed = []
+    real_execute = Pipeline.execute
+
+    def execute(self, *a, **kw):
+        executed.append(len(self.command_stack))
+        return real_execute(self, *a, **kw)
+
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    celery = make_celery(Settings(broker_url=url, secret_key="x"))
+    jobs = [(f"ftjob-{i}", 100.0 + i) for i in range(40)]
+    try:
+        assert enqueue_jobs(celery, [("ftjob-first", None)]) is True  # declares the queue too
+        executed.clear()
+        assert enqueue_jobs(celery, jobs) is True
+        assert executed == [40]  # one round trip for the forty
+        found = {}
+        for raw in r.lrange(QUEUE, 0, -2):  # the first job's message is the oldest: last
+            msg = json.loads(raw)
+            assert msg["headers"]["task"] == RUN_JOB
+            (job_id,), _, _ = json.loads(base64.b64decode(msg["body"]))
+            found[job_id] = msg["headers"]["timelimit"]
+        assert found == {j: [t, t * 0.98] for j, t in jobs}
+    finally:
+        r.flushdb()
+    down = make_celery(Settings(broker_url="redis://127.0.0.1:1/0", secret_key="x"))
+    assert enqueue_jobs(down, jobs[:3]) is False
