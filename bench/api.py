@@ -460,13 +460,23 @@ class _Uploader(threading.Thread):
 
 # --------------------------------------------------------------------------- the run
 
+def _no_job_quota(root: Path) -> str:
+    """DRIFTSAFE_MAX_RUNNING_JOBS for "no limit": 0, or out of reach for older checkouts, which
+    refuse 0 (and count every queued job of the backlog on every creation)."""
+    probe = subprocess.run([sys.executable, "-c", "from store.settings import Settings; "
+                            "Settings(secret_key='x', max_running_jobs=0)"],
+                           cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                           capture_output=True, timeout=120)
+    return "0" if probe.returncode == 0 else str(10**9)
+
+
 def _env(root: Path, db_url: str, broker_url: str, data_dir: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTSAFE_")}
     env.update({
         "DRIFTSAFE_DATABASE_URL": db_url, "DRIFTSAFE_BROKER_URL": broker_url,
         "DRIFTSAFE_DATA_DIR": str(data_dir), "DRIFTSAFE_SECRET_KEY": SECRET,
-        # limits off (or out of reach) so they don't distort the figures
-        "DRIFTSAFE_RATE_LIMIT_PER_MINUTE": "0", "DRIFTSAFE_MAX_RUNNING_JOBS": str(10**9),
+        # limits off so they don't distort the figures: a phase queues thousands of jobs
+        "DRIFTSAFE_RATE_LIMIT_PER_MINUTE": "0", "DRIFTSAFE_MAX_RUNNING_JOBS": _no_job_quota(root),
         "DRIFTSAFE_MAX_STORAGE_BYTES": str(10**15),
         "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1",
     })

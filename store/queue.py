@@ -115,10 +115,12 @@ def send_wake_ups(send: Callable[[list[tuple[str, float]]], bool], sessions,
                              for job_id, steps in jobs]):
         return []
     sent = [job_id for job_id, _ in jobs]
+    jobs_table = Job.__table__  # a Core UPDATE: no objects to refresh, no ORM bulk machinery
     with sessions() as s:
-        s.execute(update(Job).where(Job.id.in_(sent), Job.status == JobStatus.QUEUED)
-                  .values(enqueued_at=time.time())
-                  .execution_options(synchronize_session=False))  # no objects to refresh
+        s.connection().execute(
+            update(jobs_table).where(jobs_table.c.id.in_(sent),
+                                     jobs_table.c.status == JobStatus.QUEUED)
+            .values(enqueued_at=time.time()))
         s.commit()
     return sent
 

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
                                        "per API process (0: no limit); over it: 429.")
     rate_limit_burst: int = Field(120, ge=1, description="Requests a tenant may send at once "
                                   "before the per-minute rate applies.")
-    max_running_jobs: int = Field(10, ge=1, description="A tenant's queued plus running jobs.")
+    max_running_jobs: int = Field(10, ge=0, description="A tenant's queued plus running jobs "
+                                  "(0: no limit); over it: 429.")
     max_storage_bytes: int = Field(2 * 1024**3, ge=1, description="A tenant's uploaded bytes.")
     max_job_steps: int = Field(100_000, ge=1, description="Optimizer steps one job may take "
                                "(epochs x ceil(examples / batch size)).")

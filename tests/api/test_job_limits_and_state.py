@@ -36,6 +36,31 @@ def test_running_jobs_quota_is_429_and_counts_only_active_jobs(client, alice, bo
     assert create_job(client, alice, fid).status_code == 200  # a finished job frees a slot
 
 
+def test_the_quota_count_stops_at_the_quota_and_zero_means_no_quota(client, alice, settings):
+    """Checking the quota reads at most `max_running_jobs` of the tenant's active jobs, not the
+    whole backlog (which every creation used to count); 0 lifts the quota and its query."""
+    from sqlalchemy import event
+
+    live = client.app.state.settings
+    live.max_running_jobs = 0
+    fid = upload(client, alice).json()["id"]
+    statements = []
+    engine = client.app.state.sessions.kw["bind"]
+    listen = (engine, "before_cursor_execute")
+    record = lambda conn, cursor, sql, *rest: statements.append(sql)  # noqa: E731
+    event.listen(*listen, record)
+    try:
+        assert all(create_job(client, alice, fid).status_code == 200 for _ in range(5))
+        assert statements and not any("count(" in q.lower() for q in statements)
+    finally:
+        event.remove(*listen, record)
+    live.max_running_jobs = 3
+    r = create_job(client, alice, fid)  # five active, counted up to the quota of three
+    assert r.status_code == 429
+    assert "already has 3 queued or running jobs" in r.json()["error"]["message"]
+    assert count(settings, Job) == 5
+
+
 def test_cancel_cannot_end_a_job_a_worker_claimed_meanwhile(client, alice, settings,
                                                            monkeypatch):
     """The job is read as queued, a worker claims it, then the cancel writes: the write must see
