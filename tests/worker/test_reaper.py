@@ -177,6 +177,7 @@ def test_wake_ups_go_to_redis_together_as_messages_a_worker_reads(monkeypatch):
             assert msg["headers"]["task"] == RUN_JOB
             (job_id,), _, _ = json.loads(base64.b64decode(msg["body"]))
             found[job_id] = msg["headers"]["timelimit"]
+            assert msg["headers"]["argsrepr"] == repr([job_id])  # what `celery inspect` shows
         assert found == {j: [t, t * 0.98] for j, t in jobs}
     finally:
         r.flushdb()
