@@ -11,10 +11,9 @@ from fastapi import FastAPI
 from api import errors, openapi
 from api.auth import KeyCache, RateLimiter
 from api.routes import files, health, jobs, models
-from api.wakeup import WakeUps
 from store.artifacts import ArtifactStore
 from store.db import session_factory
-from store.queue import Sender, make_celery
+from store.queue import make_celery
 from store.settings import Settings, get_settings
 
 DESCRIPTION = """OpenAI's fine-tuning protocol, plus driftsafe's extensions: `self_distillation`
@@ -167,9 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(settings)
     app.state.readers = session_factory(settings, autocommit=True)  # GET requests
     app.state.artifacts = ArtifactStore(settings.artifacts_dir)
-    app.state.celery = make_celery(settings)
-    app.state.sender = Sender(app.state.celery, settings)
-    app.state.wakeups = WakeUps(app.state.sender, app.state.sessions, settings)
+    app.state.celery = make_celery(settings)  # only for /healthz: workers send the messages
     app.state.keys = KeyCache(settings.hmac_key(), settings.key_cache_seconds)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     errors.install(app)

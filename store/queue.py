@@ -1,5 +1,6 @@
-"""The job queue: one Celery app definition shared by the API (which only sends) and the worker,
-and the whole Celery policy in one place.
+"""The job queue: one Celery app definition shared by the worker (whose relay, worker/relay.py,
+sends every message) and the API (which only checks the broker for /healthz), and the whole Celery
+policy in one place.
 
 The message carries a job id and nothing else; the job row is the truth, the message only wakes a
 worker. With no broker configured, the broker is a folder under the data dir (kombu's filesystem
@@ -10,15 +11,9 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
-import time
-from collections.abc import Callable
 
 from celery import Celery
-from sqlalchemy import update
 
-from store.jobstate import JobStatus
-from store.models import Job
 from store.settings import Settings
 
 RUN_JOB = "driftsafe.run_job"
@@ -105,46 +100,6 @@ def enqueue_jobs(app: Celery, jobs: list[tuple[str, float | None]]) -> bool:
         log.warning("could not enqueue %d job(s) (%s...); they stay queued for the reaper",
                     len(jobs), jobs[0][0] if jobs else "", exc_info=True)
         return False
-
-
-def send_wake_ups(send: Callable[[list[tuple[str, float]]], bool], sessions,
-                  settings: Settings, jobs: list[tuple[str, int | None]]) -> list[str]:
-    """Send the wake-up messages of `jobs`, (job id, planned steps) in order, with `send([(job
-    id, time limit), ...])`, which says whether the broker took them all; then record the sends
-    with one UPDATE. A failed send records none (the reaper's next pass sends them). The API's
-    wake-up thread and the reaper both send this way. Returns the ids sent."""
-    if not jobs or not send([(job_id, backstop_time_limit(settings, steps))
-                             for job_id, steps in jobs]):
-        return []
-    sent = [job_id for job_id, _ in jobs]
-    jobs_table = Job.__table__  # a Core UPDATE: no objects to refresh, no ORM bulk machinery
-    with sessions() as s:
-        s.connection().execute(
-            update(jobs_table).where(jobs_table.c.id.in_(sent),
-                                     jobs_table.c.status == JobStatus.QUEUED)
-            .values(enqueued_at=time.time()))
-        s.commit()
-    return sent
-
-
-class Sender:
-    """The API's side of the queue: after a failed send it stops trying for a while (a circuit
-    breaker), so a broker outage costs each job creation nothing; the reaper sends those jobs."""
-
-    def __init__(self, app: Celery, settings: Settings):
-        self.app, self.settings = app, settings
-        self._down_until = 0.0
-        self._lock = threading.Lock()
-
-    def send(self, jobs: list[tuple[str, float | None]]) -> bool:
-        """Send (job id, time limit) wake-ups together; False if the broker did not take them."""
-        if time.monotonic() < self._down_until:
-            return False
-        ok = enqueue_jobs(self.app, jobs)
-        if not ok:
-            with self._lock:
-                self._down_until = time.monotonic() + self.settings.broker_down_retry_seconds
-        return ok
 
 
 class BrokerEpoch:

@@ -63,10 +63,9 @@ class Settings(BaseSettings):
     opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans, "
                                 "metrics and logs, to whatever providers are configured. Off, "
                                 "its per-request check costs about 5% of a job creation.")
-    enqueue_grace_seconds: float = Field(30.0, gt=0, description="Age of a queued job with no "
-                                         "recorded wake-up message before the reaper sends one.")
-    broker_down_retry_seconds: float = Field(10.0, gt=0, description="After a failed send, how "
-                                             "long the API skips the broker (the reaper sends).")
+    relay_poll_seconds: float = Field(1.0, gt=0, description="How often a worker's relay looks "
+                                      "for jobs whose message is unsent when nothing told it of "
+                                      "one: PostgreSQL tells it at once, SQLite never.")
     # A request's session holds a pooled connection in one of anyio's worker threads (40): a
     # smaller pool opens and closes overflow connections under load, each a PostgreSQL backend
     # forked and torn down (5% of a py-spy profile of job creations at 32 connections).

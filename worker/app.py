@@ -43,9 +43,11 @@ def run_job_task(self, job_id: str) -> str | None:
 @worker_ready.connect
 def _start_background_threads(sender=None, **_kw) -> None:
     from worker.reaper import start_reaper
+    from worker.relay import start_relay
     from worker.webhooks import start_sender
 
-    # `serve worker` migrated the schema before starting Celery. Two threads, so that a slow
-    # webhook endpoint never delays requeueing a dead worker's job (and the reverse).
-    start_reaper(settings, app)
+    # `serve worker` migrated the schema before starting Celery. Three threads, so that a slow
+    # webhook endpoint never delays a job's message or requeueing a dead worker's job.
+    start_relay(settings, app)
+    start_reaper(settings)
     start_sender(settings)

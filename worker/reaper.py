@@ -3,9 +3,9 @@ run at once:
 - a running job whose heartbeat is stale lost its worker: it goes back to the queue and resumes
   from its last checkpoint; it ends `cancelled` if a cancel was asked, and `failed` after
   `max_lost_without_progress` losses in a row with no new checkpoint (a job that kills its worker);
-- a queued job with no recorded wake-up message (the API died or the broker was down between the
-  commit and the send) gets one, and so does every queued job once the broker is found to have
-  lost its messages (a restarted Redis without persistence); a healthy backlog is left alone;
+- once the broker is found to have lost its messages (a restarted Redis without persistence),
+  every queued job's recorded message is forgotten, so the relay (worker/relay.py) sends them all
+  again; a healthy backlog is otherwise left alone;
 - expired idempotency records are purged.
 """
 
@@ -15,12 +15,12 @@ import logging
 import threading
 import time
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, select, update
 
-from store.db import session_factory, session_scope
+from store.db import session_scope
 from store.jobstate import JobStatus, transition
 from store.models import IdempotencyRecord, Job
-from store.queue import BrokerEpoch, enqueue_jobs, send_wake_ups
+from store.queue import BrokerEpoch
 from store.settings import Settings
 from worker.lifecycle import latest_checkpoint_step
 
@@ -47,7 +47,7 @@ def _end_of_stale(s, job: Job, max_lost: int) -> tuple[JobStatus, dict, str, str
 
 def requeue_stale(settings: Settings) -> None:
     """running jobs with a stale heartbeat -> queued, cancelled or failed. A re-queued job has no
-    recorded wake-up message, so `unsent_jobs` picks it up at once."""
+    recorded wake-up message, so the relay sends one at once."""
     cutoff = time.time() - settings.stale_after_seconds
     with session_scope(settings) as s:
         stale = list(s.scalars(select(Job).where(Job.status == JobStatus.RUNNING,
@@ -60,16 +60,11 @@ def requeue_stale(settings: Settings) -> None:
                        message=message, level=level)
 
 
-def unsent_jobs(settings: Settings, everything: bool) -> list[tuple[str, int | None]]:
-    """(id, planned steps) of queued jobs with no recorded wake-up message: older than the API's
-    grace period for its own send, or re-queued by a reaper (all queued jobs if `everything`)."""
-    grace = time.time() - settings.enqueue_grace_seconds
+def forget_sent_messages(settings: Settings) -> None:
+    """The broker lost its messages: every queued job needs its message again (the relay)."""
     with session_scope(settings) as s:
-        query = select(Job.id, Job.total_steps).where(Job.status == JobStatus.QUEUED)
-        if not everything:
-            query = query.where(Job.enqueued_at.is_(None), or_(
-                Job.created_at < grace, Job.attempts > 0))  # attempts: claimed before
-        return [(row.id, row.total_steps) for row in s.execute(query.order_by(Job.seq))]
+        s.execute(update(Job).where(Job.status == JobStatus.QUEUED).values(enqueued_at=None)
+                  .execution_options(synchronize_session=False))
 
 
 def purge_idempotency(settings: Settings) -> None:
@@ -78,24 +73,22 @@ def purge_idempotency(settings: Settings) -> None:
             IdempotencyRecord.created_at < time.time() - settings.idempotency_ttl_seconds))
 
 
-def reap_once(settings: Settings, celery_app, epoch: BrokerEpoch | None = None) -> None:
+def reap_once(settings: Settings, epoch: BrokerEpoch | None = None) -> None:
     requeue_stale(settings)
-    lost_all = epoch.lost_messages() if epoch is not None else False
-    if lost_all:
+    if epoch is not None and epoch.lost_messages():
         log.warning("the broker lost its messages (restarted without persistence); re-sending "
                     "every queued job")
-    send_wake_ups(lambda jobs: enqueue_jobs(celery_app, jobs),
-                  session_factory(settings), settings, unsent_jobs(settings, lost_all))
+        forget_sent_messages(settings)
     purge_idempotency(settings)
 
 
-def start_reaper(settings: Settings, celery_app, every_s: float = 5.0) -> threading.Thread:
+def start_reaper(settings: Settings, every_s: float = 5.0) -> threading.Thread:
     epoch = BrokerEpoch(settings)
 
     def loop():
         while True:
             try:
-                reap_once(settings, celery_app, epoch)
+                reap_once(settings, epoch)
             except Exception:  # noqa: BLE001 - a reaper that dies silently would be worse
                 log.exception("reaper pass failed")
             time.sleep(every_s)

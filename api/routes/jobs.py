@@ -153,7 +153,7 @@ def _check_running_quota(active: int, settings) -> None:
 
 
 @router.post("/jobs", response_model=FineTuningJob, summary="Create a fine-tuning job")
-def create_job(body: JobCreate, request: Request, session: SessionDep, tenant: CurrentTenant,
+def create_job(body: JobCreate, session: SessionDep, tenant: CurrentTenant,
                settings: SettingsDep, idem: IdempotencyDep):
     def produce() -> JSONResponse:
         if body.model not in known_model_ids(settings):
@@ -186,8 +186,8 @@ def create_job(body: JobCreate, request: Request, session: SessionDep, tenant: C
         job = Job(**values)
         idem.insert(Job, values)
         idem.insert(JobEvent, event_values(job, f"Created fine-tuning job: {job.id}"))
-        # The row is committed first: the message only wakes a worker, which reads the row.
-        idem.after_commit(lambda: request.app.state.wakeups.submit(job.id, steps))
+        # The committed row, queued with no message recorded, is all a worker needs: a worker's
+        # relay sends its message (worker/relay.py), and the API never talks to the broker.
         return JSONResponse(job_object(job))
 
     return idem.run(body.model_dump(mode="json"), produce, reads_then_inserts=True)

@@ -1,5 +1,6 @@
-"""The reaper on a real store and the filesystem broker: what it re-queues, re-sends, ends and
-leaves alone, and the job state transitions it shares with the API and the worker."""
+"""The reaper and the relay on a real store and the filesystem broker: what the reaper re-queues,
+ends and leaves alone, what the relay sends, and the job state transitions they share with the
+API and the worker."""
 
 import time
 
@@ -11,11 +12,11 @@ from store.queue import BrokerEpoch, make_celery
 from store.settings import Settings
 from worker.lifecycle import claim_job, finish_job
 from worker.reaper import reap_once
+from worker.relay import relay_once
 
 
 def setup(tmp_path, **overrides):
-    settings = Settings(data_dir=tmp_path, secret_key="x", stale_after_seconds=30,
-                        enqueue_grace_seconds=30, **overrides)
+    settings = Settings(data_dir=tmp_path, secret_key="x", stale_after_seconds=30, **overrides)
     migrate(settings)
     with session_scope(settings) as s:
         tenant = Tenant(name="t")
@@ -40,8 +41,18 @@ def add_job(settings, checkpoint_steps=(), **values) -> str:
         return job.id
 
 
-def messages(settings) -> str:
-    return "".join(p.read_text() for p in (settings.broker_folder / "queue").iterdir())
+class Messages(list):
+    """The folder broker's messages, one text each; `count(job_id)`: how many name that job."""
+
+    def count(self, job_id: str) -> int:
+        return sum(job_id in m for m in self)
+
+    def __contains__(self, job_id: str) -> bool:
+        return self.count(job_id) > 0
+
+
+def messages(settings) -> Messages:
+    return Messages(p.read_text() for p in (settings.broker_folder / "queue").iterdir())
 
 
 def test_stale_jobs_resume_fail_only_without_progress_and_honour_cancel(tmp_path):
@@ -57,7 +68,8 @@ def test_stale_jobs_resume_fail_only_without_progress_and_honour_cancel(tmp_path
     poison = add_job(settings, attempts=3, lost_without_progress=2, claimed_step=10,
                      checkpoint_steps=[10], **stale)
     cancelling = add_job(settings, attempts=1, cancel_requested=True, **stale)
-    reap_once(settings, make_celery(settings))
+    reap_once(settings)
+    relay_once(settings, make_celery(settings))
     with session_scope(settings) as s:
         jobs = {j.id: j for j in s.query(Job)}
         events = [e.message for e in s.query(JobEvent).filter_by(job_id=dead)]
@@ -75,24 +87,54 @@ def test_stale_jobs_resume_fail_only_without_progress_and_honour_cancel(tmp_path
     assert alive not in sent and poison not in sent and cancelling not in sent
 
 
-def test_only_unsent_queued_jobs_are_sent_and_a_healthy_backlog_is_left_alone(tmp_path):
+def test_the_relay_sends_unsent_jobs_once_and_leaves_a_healthy_backlog_alone(tmp_path):
     settings = setup(tmp_path)
     now = time.time()
-    # The API died (or the broker was down) between the commit and the send: no send recorded.
-    unsent = add_job(settings, status="queued", enqueued_at=None, created_at=int(now) - 100)
-    # Still inside the grace period: the API's own send may be under way.
-    fresh = add_job(settings, status="queued", enqueued_at=None, created_at=int(now))
+    # Committed a moment ago, or by an API that died at once: no message recorded yet.
+    unsent = add_job(settings, status="queued", enqueued_at=None, created_at=int(now))
     # A job waiting its turn for an hour, its message in the broker: nothing to do.
     backlog = add_job(settings, status="queued", enqueued_at=now - 3600,
                       created_at=int(now) - 3600)
+    running = add_job(settings, status="running", enqueued_at=None, heartbeat_at=now)
     celery = make_celery(settings)
-    reap_once(settings, celery)
-    reap_once(settings, celery)
+    assert relay_once(settings, celery) == 1
+    assert relay_once(settings, celery) == 0
     sent = messages(settings)
     assert sent.count(unsent) == 1  # sent once, then recorded as sent
-    assert fresh not in sent and backlog not in sent
+    assert backlog not in sent and running not in sent
     with session_scope(settings) as s:
         assert s.query(Job).filter_by(id=unsent).one().enqueued_at is not None
+
+
+def test_a_failed_send_records_nothing_and_the_next_pass_sends(tmp_path):
+    settings = setup(tmp_path)
+    job = add_job(settings, status="queued", enqueued_at=None)
+
+    class DownBroker:
+        def producer_or_acquire(self, *a, **kw):  # where every send starts
+            raise ConnectionError("broker down")
+
+    assert relay_once(settings, DownBroker()) == 0
+    with session_scope(settings) as s:
+        assert s.query(Job).filter_by(id=job).one().enqueued_at is None
+    assert relay_once(settings, make_celery(settings)) == 1
+    assert messages(settings).count(job) == 1
+
+
+def test_a_broker_that_lost_its_messages_gets_every_queued_job_again(tmp_path):
+    settings = setup(tmp_path)
+    backlog = [add_job(settings, status="queued", enqueued_at=time.time() - 60)
+               for _ in range(3)]
+    done = add_job(settings, status="succeeded", enqueued_at=time.time() - 60)
+
+    class LostEverything:
+        def lost_messages(self):
+            return True
+
+    reap_once(settings, LostEverything())
+    assert relay_once(settings, make_celery(settings)) == 3
+    sent = messages(settings)
+    assert all(sent.count(j) == 1 for j in backlog) and done not in sent
 
 
 def test_broker_epoch_notices_a_redis_that_lost_its_messages():
