@@ -49,6 +49,15 @@ def fingerprint(route: str, body: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+class JSONBody(JSONResponse):
+    """A JSON response that keeps the object it was rendered from, so that storing it for
+    replays does not parse the bytes again."""
+
+    def __init__(self, content, status_code: int = 200, headers=None):
+        super().__init__(content, status_code=status_code, headers=headers)
+        self.content = content
+
+
 def _storable(body: dict) -> dict:
     return {k: v for k, v in body.items() if k not in SECRET_FIELDS} if isinstance(body, dict) \
         else body
@@ -58,7 +67,10 @@ class Idempotency:
     def __init__(self, request: Request, tenant: CurrentTenant, session: SessionDep,
                  settings: SettingsDep):
         self.key = request.headers.get("idempotency-key")
-        self.session, self.tenant_id = session, tenant.id
+        # The request's session, tenant and settings: a route that takes this object needs no
+        # dependencies of its own (each one FastAPI resolves is a cost on every request).
+        self.session, self.tenant, self.settings = session, tenant, settings
+        self.tenant_id = tenant.id
         self.ttl_s = settings.idempotency_ttl_seconds
         self.route = f"{request.method} {request.url.path}"
         self._after: list[Callable[[], None]] = []
@@ -141,7 +153,9 @@ class Idempotency:
                     self._rows.append((IdempotencyRecord, dict(
                         tenant_id=self.tenant_id, key=self.key, fingerprint=fp, state="done",
                         status_code=response.status_code,
-                        response=_storable(json.loads(response.body)), created_at=time.time())))
+                        response=_storable(response.content if isinstance(response, JSONBody)
+                                           else json.loads(response.body)),
+                        created_at=time.time())))
                 if self._rows:
                     insert_together(self.session, self._rows)
                 self.session.commit()

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import bindparam, func, select, update
 
-from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
+from api.deps import ArtifactsDep, CurrentTenant, SessionDep
 from api.errors import APIError
-from api.idempotency import IdempotencyDep
+from api.idempotency import IdempotencyDep, JSONBody
 from api.models_registry import BUILTIN_MODEL_ID, known_model_ids
 from api.schemas import (
     FineTuningJob,
@@ -28,6 +28,7 @@ from api.schemas import (
 from api.tenancy import Scoped, list_body
 from store.jobstate import ACTIVE, JobStatus, add_event, event_values, transition
 from store.models import Checkpoint, Job, JobEvent, StoredFile, by_public_id, new_id, now
+from store.writes import as_written
 from trainer.modelfacts import (
     TiedEmbeddingsError,
     auto_size,
@@ -153,8 +154,9 @@ def _check_running_quota(active: int, settings) -> None:
 
 
 @router.post("/jobs", response_model=FineTuningJob, summary="Create a fine-tuning job")
-def create_job(body: JobCreate, session: SessionDep, tenant: CurrentTenant,
-               settings: SettingsDep, idem: IdempotencyDep):
+def create_job(body: JobCreate, idem: IdempotencyDep):
+    session, tenant, settings = idem.session, idem.tenant, idem.settings
+
     def produce() -> JSONResponse:
         if body.model not in known_model_ids(settings):
             raise APIError(400, f"Unknown model '{body.model}'; GET /v1/models lists the models "
@@ -183,12 +185,12 @@ def create_job(body: JobCreate, session: SessionDep, tenant: CurrentTenant,
                       job_metadata=body.metadata, status=JobStatus.QUEUED.value,
                       total_steps=steps, cancel_requested=False, result_files=[], attempts=0,
                       lost_without_progress=0)
-        job = Job(**values)
+        job = as_written(Job, values)
         idem.insert(Job, values)
         idem.insert(JobEvent, event_values(job, f"Created fine-tuning job: {job.id}"))
         # The committed row, queued with no message recorded, is all a worker needs: a worker's
         # relay sends its message (worker/relay.py), and the API never talks to the broker.
-        return JSONResponse(job_object(job))
+        return JSONBody(job_object(job))
 
     return idem.run(body.model_dump(mode="json"), produce, reads_then_inserts=True)
 

@@ -98,6 +98,8 @@ def test_create_job_of_each_method_is_stored_and_a_relay_sends_it(client, alice,
     for k, v in method[method["type"]]["hyperparameters"].items():
         assert hp[k] == v
     assert job["evaluation"]["max_forgetting"] == 0.05 and job["adapter"]["type"] == "lora"
+    # The answer is shaped from the staged row: it must be what reading the job back gives.
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=h(alice)).json() == job
     # Committed with no message recorded: a worker's relay sends it (the folder broker here).
     from store.queue import make_celery
     from worker.relay import relay_once
