@@ -160,6 +160,10 @@ class WebhookEndpoint(Base):
 
 Index("ix_jobs_tenant_seq", Job.tenant_id, Job.seq)
 Index("ix_jobs_tenant_status", Job.tenant_id, Job.status)  # the running-jobs quota
+# The jobs with no message recorded, which worker/relay.py reads on every pass: the queued ones
+# waiting for theirs (and the few that ended before it was sent), never the backlog already sent.
+UNSENT_JOB = text("enqueued_at IS NULL")
+Index("ix_jobs_unsent", Job.seq, postgresql_where=UNSENT_JOB, sqlite_where=UNSENT_JOB)
 Index("ix_files_tenant_seq", StoredFile.tenant_id, StoredFile.seq)
 Index("ix_job_events_job_seq", JobEvent.job_id, JobEvent.seq)  # a job's events, newest first
 Index("ix_checkpoints_job_seq", Checkpoint.job_id, Checkpoint.seq)

@@ -63,9 +63,9 @@ class Settings(BaseSettings):
     opentelemetry: bool = Field(False, description="FastAPI's native OpenTelemetry spans, "
                                 "metrics and logs, to whatever providers are configured. Off, "
                                 "its per-request check costs about 5% of a job creation.")
-    relay_poll_seconds: float = Field(1.0, gt=0, description="How often a worker's relay looks "
-                                      "for jobs whose message is unsent when nothing told it of "
-                                      "one: PostgreSQL tells it at once, SQLite never.")
+    relay_poll_seconds: float = Field(1.0, gt=0, description="How often each worker's relay "
+                                      "sends the messages of new and re-queued jobs: the most a "
+                                      "new job waits before a worker is woken.")
     # A request's session holds a pooled connection in one of anyio's worker threads (40): a
     # smaller pool opens and closes overflow connections under load, each a PostgreSQL backend
     # forked and torn down (5% of a py-spy profile of job creations at 32 connections).

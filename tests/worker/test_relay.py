@@ -1,5 +1,5 @@
 """The relay on PostgreSQL and Redis, as workers run it: relays in several workers send each job's
-message once, and a new job's message leaves on the database's notification, not on a timer."""
+message once, and a pass reads only the unsent jobs however long the backlog."""
 
 from __future__ import annotations
 
@@ -90,24 +90,23 @@ def test_relays_in_four_workers_send_each_message_once(pg_settings, monkeypatch)
         assert s.query(Job).filter(Job.enqueued_at.is_(None)).count() == 0
 
 
-def test_a_new_job_is_sent_on_the_databases_notification(pg_settings):
-    """The relay polls only every 30 s here: a job sent within seconds was sent because the
-    trigger notified it."""
-    settings = pg_settings.model_copy(update={"relay_poll_seconds": 30.0})
-    stop = threading.Event()
-    thread = relay.start_relay(settings, make_celery(settings), stop=stop)
-    try:
-        time.sleep(1.0)  # past its first pass, waiting
-        [job] = add_queued_jobs(settings, 1)
-        created = time.monotonic()
-        while job not in sent_job_ids():
-            assert time.monotonic() - created < 5, "the relay did not wake on the notification"
-            time.sleep(0.02)
-        print(f"\nsent {1000 * (time.monotonic() - created):.0f} ms after the commit")
-    finally:
-        stop.set()
-        database = settings.database_url.rsplit("/", 1)[1]
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:  # end its wait at once
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE datname = %s AND query LIKE 'LISTEN%%'", (database,))
-        thread.join(10)
+def test_a_pass_reads_the_unsent_jobs_through_their_index(pg_settings):
+    """However long the backlog of jobs already sent, a relay pass reads only the unsent ones."""
+    add_queued_jobs(pg_settings, 3)
+    with psycopg.connect(pg_settings.database_url.replace("+psycopg", ""),
+                         autocommit=True) as conn:
+        conn.execute("UPDATE jobs SET enqueued_at = 1")  # a backlog, its messages in the broker
+        conn.execute("INSERT INTO jobs (id, tenant_id, model, training_file, spec, status, "
+                     "created_at, cancel_requested, result_files, attempts, "
+                     "lost_without_progress) SELECT 'ftjob-' || i, tenant_id, model, "
+                     "training_file, spec, 'queued', 0, false, '[]', 0, 0 "
+                     "FROM (SELECT * FROM jobs LIMIT 1) j, generate_series(1, 20000) i")
+        conn.execute("UPDATE jobs SET enqueued_at = 1 WHERE enqueued_at IS NULL AND "
+                     "id NOT IN ('ftjob-1', 'ftjob-2')")
+        conn.execute("ANALYZE jobs")
+        engine = session_factory(pg_settings).kw["bind"]
+        sql = str(relay.UNSENT.params(batch=500).compile(
+            engine, compile_kwargs={"literal_binds": True}))
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (ANALYZE) " + sql).fetchall())
+    assert "ix_jobs_unsent" in plan, plan
+    assert relay.relay_once(pg_settings, make_celery(pg_settings)) == 2
