@@ -8,7 +8,7 @@ PostgreSQL the second INSERT blocks on the first's uncommitted row; SQLite seria
 
 The unit of work is this object's: `produce` stages rows on the request's session without
 committing (ORM objects, or plain rows with `insert`); `run` commits once and then calls what
-`produce` registered with `after_commit` (e.g. sending the job's wake-up message) or, if the commit
+`produce` registered with `after_commit` or, if the commit
 failed, `on_rollback` (e.g. deleting a file already written to the artifact store). Work that only
 reads and stages plain rows (a job's creation) says so with `reads_then_inserts`: on PostgreSQL its
 reads then run in autocommit and its rows, the record among them, are one atomic INSERT

@@ -17,7 +17,7 @@ import enum
 import time
 from collections.abc import Iterable
 
-from sqlalchemy import select, update
+from sqlalchemy import Index, select, text, update
 from sqlalchemy.orm import Session
 
 from store.models import (
@@ -42,6 +42,11 @@ class JobStatus(enum.StrEnum):
 
 ACTIVE = frozenset({JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING})
 FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# The queued jobs with no wake-up message recorded: what every worker's relay reads on each pass
+# (worker/relay.py), through this partial index, however long the backlog already sent.
+UNSENT_MESSAGE = text(f"status = '{JobStatus.QUEUED.value}' AND enqueued_at IS NULL")
+Index("ix_jobs_unsent", Job.seq, postgresql_where=UNSENT_MESSAGE, sqlite_where=UNSENT_MESSAGE)
 
 
 def transition(session: Session, job_id: str, to: JobStatus, *, leaving: Iterable[JobStatus],

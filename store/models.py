@@ -160,10 +160,6 @@ class WebhookEndpoint(Base):
 
 Index("ix_jobs_tenant_seq", Job.tenant_id, Job.seq)
 Index("ix_jobs_tenant_status", Job.tenant_id, Job.status)  # the running-jobs quota
-# The jobs with no message recorded, which worker/relay.py reads on every pass: the queued ones
-# waiting for theirs (and the few that ended before it was sent), never the backlog already sent.
-UNSENT_JOB = text("enqueued_at IS NULL")
-Index("ix_jobs_unsent", Job.seq, postgresql_where=UNSENT_JOB, sqlite_where=UNSENT_JOB)
 Index("ix_files_tenant_seq", StoredFile.tenant_id, StoredFile.seq)
 Index("ix_job_events_job_seq", JobEvent.job_id, JobEvent.seq)  # a job's events, newest first
 Index("ix_checkpoints_job_seq", Checkpoint.job_id, Checkpoint.seq)
@@ -196,3 +192,8 @@ def by_public_id(session, model, object_id: str):
     from sqlalchemy import select
 
     return session.scalar(select(model).where(model.id == object_id))
+
+
+# store.jobstate declares the jobs' index of unsent messages beside the statuses it names; it
+# needs the models above, so it is imported last (and every user of the models gets the index).
+from store import jobstate  # noqa: E402, F401

@@ -23,7 +23,7 @@ WORKER_CONCURRENCY = 1  # one job (one GPU) per worker process
 # (on finish), so the timeout must outlast the longest job; the row's compare-and-set claim makes
 # any re-delivery harmless anyway.
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
-SEND_TIMEOUT_S = 2.0  # a send never holds a request longer than this
+SEND_TIMEOUT_S = 2.0  # a relay's send never holds its rows' locks longer than this
 EPOCH_KEY = "driftsafe:broker_epoch"
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,13 @@ def _limits(time_limit: float | None) -> dict:
 def enqueue_jobs(app: Celery, jobs: list[tuple[str, float | None]]) -> bool:
     """Send the wake-up messages of `jobs` (job id, time limit) together. On Redis they go in one
     pipelined round trip (kombu's `Producer.batch`): sent one by one, each paid a round trip, a
-    new client object and the GIL time of both, about half of the API process's sending cost
-    under a burst of creations. Other brokers send them one by one.
+    new client object and the GIL time of both, about half of the sending cost. Other brokers
+    send them one by one.
 
     False if the broker failed: whether any of the batch arrived is then unknown, every job of it
-    stays unrecorded, and the reaper sends them again. A message twice is harmless: the worker's
-    claim of the row is a compare-and-set, and a second message finds the job taken."""
+    stays unrecorded, and the relay (worker/relay.py) sends them again. A message twice is
+    harmless: the worker's claim of the row is a compare-and-set, and a second message finds the
+    job taken."""
     try:
         with app.producer_or_acquire() as producer, producer.batch():
             for job_id, time_limit in jobs:
@@ -96,8 +97,8 @@ def enqueue_jobs(app: Celery, jobs: list[tuple[str, float | None]]) -> bool:
                               producer=producer, argsrepr=repr([job_id]), kwargsrepr="{}",
                               **_limits(time_limit))
         return True
-    except Exception:  # noqa: BLE001 - any broker failure leaves the queued rows for the reaper
-        log.warning("could not enqueue %d job(s) (%s...); they stay queued for the reaper",
+    except Exception:  # noqa: BLE001 - any broker failure leaves the rows for the next pass
+        log.warning("could not enqueue %d job(s) (%s...); the relay sends them again",
                     len(jobs), jobs[0][0] if jobs else "", exc_info=True)
         return False
 

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     # smaller pool opens and closes overflow connections under load, each a PostgreSQL backend
     # forked and torn down (5% of a py-spy profile of job creations at 32 connections).
     db_pool_size: int = Field(40, ge=1)
-    db_max_overflow: int = Field(10, ge=0)  # past the request threads (the wake-up sender)
+    db_max_overflow: int = Field(10, ge=0)  # past the request threads (a worker's threads)
     webhook_allow_private: bool = Field(False, description="Allow webhook URLs on loopback, "
                                         "private and link-local addresses (tests, closed nets).")
     webhook_deadline_seconds: float = Field(10.0, gt=0, description="Wall-clock limit of one "

@@ -1,4 +1,4 @@
-"""unsent jobs: a partial index of the jobs whose message is not recorded
+"""unsent jobs: a partial index of the queued jobs whose message is not recorded
 
 Revision ID: 0004
 Revises: 0003
@@ -13,8 +13,8 @@ branch_labels = None
 depends_on = None
 
 # The rows worker/relay.py looks for on every pass, oldest first: the queued jobs waiting for their
-# message (and the few that ended before it was sent), however long the backlog already sent.
-UNSENT = sa.text("enqueued_at IS NULL")
+# message, however long the backlog already sent (store.jobstate.UNSENT_MESSAGE).
+UNSENT = sa.text("status = 'queued' AND enqueued_at IS NULL")
 
 
 def upgrade() -> None:
