@@ -70,7 +70,6 @@ class Idempotency:
         # The request's session, tenant and settings: a route that takes this object needs no
         # dependencies of its own (each one FastAPI resolves is a cost on every request).
         self.session, self.tenant, self.settings = session, tenant, settings
-        self.tenant_id = tenant.id
         self.ttl_s = settings.idempotency_ttl_seconds
         self.route = f"{request.method} {request.url.path}"
         self._after: list[Callable[[], None]] = []
@@ -93,7 +92,7 @@ class Idempotency:
         self._rows.append((model, values))
 
     def _find(self) -> IdempotencyRecord | None:
-        return self.session.scalar(RECORD_BY_KEY, {"tenant_id": self.tenant_id, "key": self.key})
+        return self.session.scalar(RECORD_BY_KEY, {"tenant_id": self.tenant.id, "key": self.key})
 
     def _replay(self, found: IdempotencyRecord, fp: str) -> Response:
         if found.fingerprint != fp:
@@ -151,7 +150,7 @@ class Idempotency:
             try:
                 if self.key is not None:
                     self._rows.append((IdempotencyRecord, dict(
-                        tenant_id=self.tenant_id, key=self.key, fingerprint=fp, state="done",
+                        tenant_id=self.tenant.id, key=self.key, fingerprint=fp, state="done",
                         status_code=response.status_code,
                         response=_storable(response.content if isinstance(response, JSONBody)
                                            else json.loads(response.body)),

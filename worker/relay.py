@@ -15,11 +15,10 @@ unrecorded: they are sent again, and the second message finds the job already cl
 is a compare-and-set). A failed send records nothing and is tried again at the next pass.
 
 The rows are found through a partial index of exactly them (`ix_jobs_unsent`), so a pass costs
-the same however long the backlog. The relay polls rather
-than waiting on a PostgreSQL NOTIFY from a trigger: a transaction that notifies takes a
-database-wide lock at commit, which serialised every job creation's commit behind the one before
-(creation p99 250-270 ms with the trigger against 204 without, one bench run each); a second is
-nothing next to a training job.
+the same however long the backlog. The relay polls rather than waiting on a PostgreSQL NOTIFY
+from a trigger: a transaction that notifies takes a database-wide lock at commit, which
+serialised every job creation's commit behind the one before (creation p99 250-270 ms with the
+trigger against 204 without, one bench run each); a second is nothing next to a training job.
 """
 
 from __future__ import annotations
