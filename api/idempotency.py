@@ -24,12 +24,13 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
+from api.responses import JSONResponse
 from store.models import IdempotencyRecord
 from store.writes import Row, begin_autocommit, insert_together, one_statement
 

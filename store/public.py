@@ -69,6 +69,9 @@ class FineTuningJob(BaseModel):
 
 
 
+_NO_REPORT = dict.fromkeys(REPORT_KEYS)  # a job not yet scored: every report key is null
+
+
 def _openai_hyperparameters(job: Job) -> dict:
     # A spec stored by the API was dumped from a validated TrainSpec, so its block is complete
     # as it is (validating it again on every read cost more than the read's query).
@@ -79,24 +82,34 @@ def _openai_hyperparameters(job: Job) -> dict:
 
 
 def job_object(job: Job) -> dict:
+    """The job as `FineTuningJob` describes it, built as a plain dict: the row's values are ours
+    (written by the API and the worker), and validating them into the model and dumping it again
+    was most of a list request's cost. tests/api check this against the model for every status."""
     spec = job.spec
     method = {k: v for k, v in spec["method"].items() if v is not None}
     if job.hyperparameters:
         method[method["type"]] = {"hyperparameters": job.hyperparameters}
-    report = job.evaluation or {}
-    evaluation = {**spec.get("evaluation", {}), **{k: report.get(k) for k in REPORT_KEYS}}
+    report = job.evaluation
+    evaluation = {**spec.get("evaluation", {}),
+                  **({k: report.get(k) for k in REPORT_KEYS} if report else _NO_REPORT)}
     if evaluation.get("max_forgetting") is None:
         evaluation["max_forgetting"] = spec.get("evaluation", {}).get("max_forgetting")
-    return FineTuningJob(
-        id=job.id, model=job.model, created_at=job.created_at, finished_at=job.finished_at,
-        status=job.status, fine_tuned_model=job.fine_tuned_model, organization_id=job.tenant_id,
-        training_file=job.training_file, validation_file=job.validation_file,
-        hyperparameters=_openai_hyperparameters(job), method=method,
-        result_files=job.result_files or [], trained_tokens=job.trained_tokens,
-        error=JobError(**job.error) if job.error else None, seed=spec["seed"],
-        estimated_finish=job.estimated_finish, metadata=job.job_metadata, integrations=[],
-        user_provided_suffix=job.suffix, adapter=spec["adapter"], evaluation=evaluation,
-        progress=(Progress(**job.progress)
-                  if job.progress and job.status == JobStatus.RUNNING else None),
-        cancel_requested=job.cancel_requested, preset=spec.get("preset"),
-    ).model_dump()
+    error, progress = job.error, job.progress
+    return {
+        "id": job.id, "object": "fine_tuning.job", "model": job.model,
+        "created_at": job.created_at, "finished_at": job.finished_at, "status": job.status,
+        "fine_tuned_model": job.fine_tuned_model, "organization_id": job.tenant_id,
+        "training_file": job.training_file, "validation_file": job.validation_file,
+        "hyperparameters": _openai_hyperparameters(job), "method": method,
+        "result_files": job.result_files or [], "trained_tokens": job.trained_tokens,
+        "error": ({"code": error["code"], "message": error["message"],
+                   "param": error.get("param")} if error else None),
+        "seed": spec["seed"], "estimated_finish": job.estimated_finish,
+        "metadata": job.job_metadata, "integrations": [], "user_provided_suffix": job.suffix,
+        "adapter": spec["adapter"], "evaluation": evaluation,
+        "progress": ({"step": progress["step"], "total_steps": progress["total_steps"],
+                      "epoch": float(progress["epoch"]),
+                      "seconds_remaining": progress.get("seconds_remaining")}
+                     if progress and job.status == JobStatus.RUNNING else None),
+        "cancel_requested": job.cancel_requested, "preset": spec.get("preset"),
+    }

@@ -1,9 +1,9 @@
 """/healthz: is the database reachable, is the broker reachable."""
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from api.responses import JSONResponse
 from api.schemas import Health
 
 router = APIRouter(tags=["health"])

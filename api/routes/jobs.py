@@ -6,13 +6,13 @@ import math
 import time
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
 from sqlalchemy import bindparam, func, select, update
 
 from api.deps import ArtifactsDep, CurrentTenant, SessionDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep, JSONBody
 from api.models_registry import BUILTIN_MODEL_ID, known_model_ids
+from api.responses import JSONResponse
 from api.schemas import (
     FineTuningJob,
     JobCreate,

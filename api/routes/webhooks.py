@@ -5,11 +5,11 @@ from __future__ import annotations
 import secrets
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep
+from api.responses import JSONResponse
 from api.schemas import (
     DeletedObject,
     ListOf,

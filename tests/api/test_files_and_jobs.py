@@ -368,3 +368,43 @@ def test_models_openapi_and_health(client, alice):
     assert client.get("/docs").status_code == 200
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json()["database"] == "ok"
+
+
+ROW_STATES = [
+    {"status": "queued"},
+    {"status": "running", "progress": {"step": 3, "total_steps": 40, "epoch": 1,
+                                       "seconds_remaining": 12.5}},
+    {"status": "running", "progress": {"step": 3, "total_steps": 40, "epoch": 0.5,
+                                       "seconds_remaining": None}, "cancel_requested": True},
+    {"status": "succeeded", "finished_at": 1_800_000_000, "trained_tokens": 1234,
+     "fine_tuned_model": "ft:driftsafe-factlm-tiny:x", "result_files": ["file-r"],
+     "progress": {"step": 40, "total_steps": 40, "epoch": 2, "seconds_remaining": 0},
+     "evaluation": {"forgetting": 0.02, "drift_safe": True, "new_fact_accuracy": 0.9,
+                    "knowledge_categories": {"HighlyKnown": 10}}},
+    {"status": "failed", "finished_at": 1_800_000_000,
+     "error": {"code": "worker_lost", "message": "lost é"}},
+    {"status": "failed", "error": {"code": "bad_file", "message": "m", "param": "training_file"}},
+    {"status": "cancelled", "metadata": {"team": "ünï"}},
+]
+
+
+@pytest.mark.parametrize("state", ROW_STATES, ids=lambda s: s["status"])
+def test_job_object_is_exactly_what_the_model_declares(client, alice, settings, state):
+    """job_object builds the dict by hand (for speed): whatever state the worker leaves a row in,
+    GET and the list must give what FineTuningJob validates and dumps, and no other keys."""
+    from store.public import FineTuningJob
+
+    fid = upload(client, alice).json()["id"]
+    job_id = create_job(client, alice, fid, METHODS[1]).json()["id"]
+    values = dict(state)
+    if "metadata" in values:
+        values["job_metadata"] = values.pop("metadata")
+    with session_scope(settings) as s:
+        s.query(Job).filter(Job.id == job_id).update(values)
+    one = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=h(alice)).json()
+    listed = client.get("/v1/fine_tuning/jobs", headers=h(alice)).json()["data"][0]
+    assert one == listed
+    assert one == FineTuningJob.model_validate(one).model_dump(mode="json")
+    assert set(one) == set(FineTuningJob.model_fields)
+    assert one["status"] == state["status"]
+    assert (one["progress"] is not None) == (state["status"] == "running")
