@@ -6,6 +6,7 @@ import contextlib
 import gc
 import re
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from api import errors, openapi
@@ -145,10 +146,13 @@ class _TooLarge(Exception):
 
 
 @contextlib.asynccontextmanager
-async def _freeze_startup_objects(_app: FastAPI):
-    """Move everything built at startup (the app, its routes, schemas, SQLAlchemy metadata) out
-    of the garbage collector's reach: full collections then scan only what requests allocate.
-    Measured under wrk: a job read's p99 fell from 121-125 ms to 86 ms, throughput +4-7%."""
+async def _start(app: FastAPI):
+    """Size the request threads (Settings.request_threads), then move everything built at startup
+    (the app, its routes, schemas, SQLAlchemy metadata) out of the garbage collector's reach: full
+    collections then scan only what requests allocate. Measured under wrk: a job read's p99 fell
+    from 121-125 ms to 86 ms, throughput +4-7%."""
+    anyio.to_thread.current_default_thread_limiter().total_tokens = \
+        app.state.settings.request_threads
     gc.collect()
     gc.freeze()
     yield
@@ -159,7 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # docs_url/redoc_url off: FastAPI's pages load their scripts from a CDN; api.ui serves
     # /docs from the package instead.
     app = FastAPI(title="driftsafe", version="0.1.0", description=DESCRIPTION,
-                  lifespan=_freeze_startup_objects, docs_url=None, redoc_url=None,
+                  lifespan=_start, docs_url=None, redoc_url=None,
                   telemetry=dict.fromkeys(("tracing", "metrics", "logs"),
                                           settings.opentelemetry))
     app.state.settings = settings

@@ -66,11 +66,19 @@ class Settings(BaseSettings):
     relay_poll_seconds: float = Field(1.0, gt=0, description="How often each worker's relay "
                                       "sends the messages of new and re-queued jobs: the most a "
                                       "new job waits before a worker is woken.")
-    # A request's session holds a pooled connection in one of anyio's worker threads (40): a
-    # smaller pool opens and closes overflow connections under load, each a PostgreSQL backend
-    # forked and torn down (5% of a py-spy profile of job creations at 32 connections).
+    request_threads: int = Field(6, ge=1, description="Threads that run requests' blocking "
+                                 "work (queries, validation) in one API process. Few on "
+                                 "purpose: they share one interpreter lock, and 40 of them "
+                                 "(anyio's default) spread latency under load with no gain in "
+                                 "throughput.")
+    upload_threads: int = Field(2, ge=1, description="Threads that validate and store uploads, "
+                                "apart from request_threads: uploads that each hold a thread for "
+                                "seconds take turns on these and never hold every request thread.")
+    # A pool smaller than the threads that hold connections (requests, uploads, a worker's
+    # threads) opens and closes overflow connections under load, each a PostgreSQL backend forked
+    # and torn down (5% of a py-spy profile of job creations at 32 connections).
     db_pool_size: int = Field(40, ge=1)
-    db_max_overflow: int = Field(10, ge=0)  # past the request threads (a worker's threads)
+    db_max_overflow: int = Field(10, ge=0)
     webhook_allow_private: bool = Field(False, description="Allow webhook URLs on loopback, "
                                         "private and link-local addresses (tests, closed nets).")
     webhook_deadline_seconds: float = Field(10.0, gt=0, description="Wall-clock limit of one "

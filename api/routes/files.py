@@ -5,16 +5,20 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterator
+from functools import partial
 from typing import BinaryIO
 
+import anyio.to_thread
+from anyio.lowlevel import RunVar
 from fastapi import APIRouter, Form, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep
+from api.responses import JSONResponse
 from api.schemas import (
     DeletedObject,
     FileObject,
@@ -74,12 +78,33 @@ def _check_storage_quota(session: Session, tenant_id: str, size: int, settings) 
 @router.post("", response_model=FileObject, summary="Upload a JSONL file",
              responses={413: {"description": "File over max_upload_bytes"},
                         429: {"description": "Storage quota (max_storage_bytes) exceeded"}})
-def upload_file(file: UploadFile, session: SessionDep, tenant: CurrentTenant,
-                artifacts: ArtifactsDep, settings: SettingsDep, idem: IdempotencyDep,
-                purpose: str = Form(..., json_schema_extra={"enum": list(PURPOSES)})):
-    # A plain def: FastAPI runs it in the threadpool, so reading, validating and copying a large
-    # file never stalls the event loop. The upload is already spooled to a temporary file; it is
-    # read one line at a time and copied in chunks, never held whole in memory.
+async def upload_file(file: UploadFile, session: SessionDep, tenant: CurrentTenant,
+                      artifacts: ArtifactsDep, settings: SettingsDep, idem: IdempotencyDep,
+                      purpose: str = Form(..., json_schema_extra={"enum": list(PURPOSES)})):
+    # Reading, validating and copying a large file holds a thread for seconds: it runs on the
+    # upload threads, never on the event loop and never on the few request threads.
+    return await anyio.to_thread.run_sync(
+        partial(_store_upload, file, session, tenant, artifacts, settings, idem, purpose),
+        limiter=_upload_threads(settings.upload_threads))
+
+
+_UPLOAD_THREADS: RunVar[anyio.CapacityLimiter] = RunVar("driftsafe_upload_threads")
+
+
+def _upload_threads(size: int) -> anyio.CapacityLimiter:
+    """The upload threads' limiter, one per event loop (as anyio keeps its default one)."""
+    try:
+        return _UPLOAD_THREADS.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(size)
+        _UPLOAD_THREADS.set(limiter)
+        return limiter
+
+
+def _store_upload(file: UploadFile, session: Session, tenant, artifacts, settings, idem,
+                  purpose: str) -> JSONResponse:
+    # The upload is already spooled to a temporary file; it is read one line at a time and
+    # copied in chunks, never held whole in memory.
     if purpose not in PURPOSES:
         raise APIError(400, f"purpose must be one of {list(PURPOSES)}.", param="purpose")
     source = file.file

@@ -4,7 +4,6 @@ and nesting in files, the per-tenant storage quota, and downloads streamed from 
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import threading
@@ -15,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio.to_thread
 import httpx
 import pytest
 import uvicorn
@@ -90,10 +90,16 @@ def qa_file(n: int) -> bytes:
 
 # --- 1. The upload runs off the event loop, one line at a time -----------------------------------
 
-def test_upload_is_validated_in_the_threadpool_not_on_the_event_loop(client, alice, monkeypatch):
+def test_upload_is_validated_on_upload_threads_not_the_loop_or_request_threads(settings,
+                                                                               monkeypatch):
+    """With one request thread, a second upload thread, and an upload held in validation, the
+    other requests are still answered: the upload holds neither the event loop nor the request
+    thread (before upload_threads it ran on the request threads and would hold the only one)."""
     from api.routes import files as files_route
 
-    assert not inspect.iscoroutinefunction(files_route.upload_file)
+    one_thread = settings.model_copy(update={"request_threads": 1, "upload_threads": 1})
+    migrate(one_thread)
+    alice = make_tenant(one_thread, "alice")
     entered, release = threading.Event(), threading.Event()
     real = files_route.summarize_lines
 
@@ -103,17 +109,22 @@ def test_upload_is_validated_in_the_threadpool_not_on_the_event_loop(client, ali
         return real(lines)
 
     monkeypatch.setattr(files_route, "summarize_lines", held)
-    with ThreadPoolExecutor(2) as pool:
+    with TestClient(create_app(one_thread)) as client, ThreadPoolExecutor(3) as pool:
+        threads = client.portal.call(lambda: anyio.to_thread.current_default_thread_limiter())
+        assert threads.total_tokens == 1
         pending = pool.submit(upload, client, alice)
         try:
             assert entered.wait(10), "the upload never reached validation"
-            # While the upload is still being validated, other requests are answered.
-            other = pool.submit(client.get, "/v1/files", headers=h(alice))
-            assert other.result(timeout=10).status_code == 200
-            assert not pending.done()
+            # A second upload waits for the upload thread; reads are still answered.
+            queued = pool.submit(upload, client, alice)
+            for path in ("/v1/files", "/v1/fine_tuning/jobs"):
+                other = pool.submit(client.get, path, headers=h(alice))
+                assert other.result(timeout=10).status_code == 200
+            assert not pending.done() and not queued.done()
         finally:
             release.set()
         assert pending.result(timeout=30).status_code == 200
+        assert queued.result(timeout=30).status_code == 200
 
 
 def test_upload_memory_stays_far_below_the_file_size(settings, tmp_path):
