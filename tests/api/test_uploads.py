@@ -395,3 +395,37 @@ def test_adapter_zip_is_built_once_stored_and_reused(client, alice, settings, mo
     again = client.get(f"/v1/fine_tuning/jobs/{jid}/adapter", headers=h(alice),
                        params={"select": "drift_safe"})
     assert again.status_code == 200 and again.content == r.content
+
+
+def test_one_request_thread_serves_a_burst_of_mixed_requests(settings):
+    """Nothing a route does waits for a second request thread: with one, a burst of concurrent
+    reads, lists, keyed creations (duplicates among them), cancels and uploads all finish."""
+    one_thread = settings.model_copy(update={"request_threads": 1, "upload_threads": 1,
+                                             "rate_limit_per_minute": 0})
+    migrate(one_thread)
+    alice = make_tenant(one_thread, "alice")
+    with TestClient(create_app(one_thread)) as client, ThreadPoolExecutor(12) as pool:
+        fid = upload(client, alice).json()["id"]
+        body = {"model": "driftsafe-factlm-tiny", "training_file": fid}
+        job = client.post("/v1/fine_tuning/jobs", headers=h(alice), json=body).json()["id"]
+        calls = []
+        for i in range(6):
+            calls += [
+                ("GET", f"/v1/fine_tuning/jobs/{job}", None, {}),
+                ("GET", "/v1/fine_tuning/jobs?limit=5", None, {}),
+                ("GET", f"/v1/fine_tuning/jobs/{job}/events", None, {}),
+                ("POST", "/v1/fine_tuning/jobs", body, {"Idempotency-Key": f"k{i % 3}"}),
+            ]
+        calls.append(("POST", f"/v1/fine_tuning/jobs/{job}/cancel", None, {}))
+
+        def send(call):
+            method, path, json_body, headers = call
+            return client.request(method, path, json=json_body, headers=h(alice, **headers))
+
+        futures = [pool.submit(send, c) for c in calls]
+        futures += [pool.submit(upload, client, alice) for _ in range(3)]
+        statuses = [f.result(timeout=60).status_code for f in futures]
+    assert set(statuses) <= {200, 409}, statuses  # 409: a cancel of an already-ended job
+    assert statuses.count(200) >= len(futures) - 1
+    with session_scope(one_thread) as s:
+        assert s.query(Job).count() == 1 + 3  # three distinct keys, however many duplicates
