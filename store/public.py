@@ -81,6 +81,12 @@ def _openai_hyperparameters(job: Job) -> dict:
     return {**hp, "learning_rate_multiplier": hp.get("learning_rate_multiplier") or "auto"}
 
 
+def _progress(p: dict) -> dict:
+    left = p.get("seconds_remaining")
+    return {"step": int(p["step"]), "total_steps": int(p["total_steps"]),
+            "epoch": float(p["epoch"]), "seconds_remaining": None if left is None else float(left)}
+
+
 def job_object(job: Job) -> dict:
     """The job as `FineTuningJob` describes it, built as a plain dict: the row's values are ours
     (written by the API and the worker), and validating them into the model and dumping it again
@@ -107,9 +113,7 @@ def job_object(job: Job) -> dict:
         "seed": spec["seed"], "estimated_finish": job.estimated_finish,
         "metadata": job.job_metadata, "integrations": [], "user_provided_suffix": job.suffix,
         "adapter": spec["adapter"], "evaluation": evaluation,
-        "progress": ({"step": progress["step"], "total_steps": progress["total_steps"],
-                      "epoch": float(progress["epoch"]),
-                      "seconds_remaining": progress.get("seconds_remaining")}
-                     if progress and job.status == JobStatus.RUNNING else None),
+        "progress": (_progress(progress) if progress and job.status == JobStatus.RUNNING
+                     else None),
         "cancel_requested": job.cancel_requested, "preset": spec.get("preset"),
     }

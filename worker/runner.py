@@ -245,14 +245,19 @@ def _claim(settings: Settings, job_id: str, worker_id: str) -> Job | None:
 
 def _fail(settings: Settings, job: Job, worker_id: str, e: Exception) -> str:
     """End the job `failed` with a message for the client; the traceback goes to the log."""
-    message = str(e) if isinstance(e, (JobFailure, ValueError)) else (
+    ours = isinstance(e, (JobFailure, ValueError))
+    message = str(e) if ours else (
         f"internal error during training ({type(e).__name__}); the operators have the log")
+    # Other libraries' exceptions carry a `code` of their own (SQLAlchemy's: None or "9h9h"),
+    # which is no error code of ours: the job's error.code is always one of ours, a string.
+    code = getattr(e, "code", None) if ours else None
+    code = code if isinstance(code, str) and code else "training_failed"
     log.exception("job %s failed", job.id)
 
     def write() -> str:
         with session_scope(settings) as s:
             return JobStatus.FAILED if finish_job(s, job.id, worker_id, JobStatus.FAILED, error={
-                "code": getattr(e, "code", "training_failed"), "message": message[:2000],
+                "code": code, "message": message[:2000],
                 "param": None}, message=f"Job failed: {message[:500]}", level="error") else "lost"
     return with_db_retry(write, "fail")
 

@@ -41,3 +41,26 @@ def test_history_keeps_steps_before_the_resume_and_drops_those_redone(tmp_path):
         history.append({"step": step, "train_loss": 2.0})
     assert [r["step"] for r in history.rows()] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert history.rows()[6]["train_loss"] == 2.0
+
+
+def test_a_failure_from_another_library_ends_the_job_with_one_of_our_codes(tmp_path):
+    """SQLAlchemy's exceptions carry a `code` of their own (None for a StatementError); stored
+    as the job's error code, None broke every read of the job (error.code is a string)."""
+    from sqlalchemy.exc import StatementError
+
+    from store.public import FineTuningJob, job_object
+    from worker.runner import JobFailure, _fail
+
+    settings = setup(tmp_path)
+    failures = [(StatementError("bad value", "INSERT", {}, ValueError("nan")), "training_failed"),
+                (JobFailure("too long", code="job_too_large"), "job_too_large"),
+                (RuntimeError("boom"), "training_failed")]
+    for error, code in failures:
+        job_id = add_job(settings, status="running", worker_id="w")
+        with session_scope(settings) as s:
+            job = s.query(Job).filter_by(id=job_id).one()
+        assert _fail(settings, job, "w", error) == "failed"
+        with session_scope(settings) as s:
+            shown = job_object(s.query(Job).filter_by(id=job_id).one())
+        assert shown["error"]["code"] == code
+        FineTuningJob.model_validate(shown)
