@@ -7,6 +7,7 @@ Non-finite floats become null rather than invalid JSON.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pydantic_core
@@ -15,4 +16,9 @@ from starlette.responses import JSONResponse as _StarletteJSONResponse
 
 class JSONResponse(_StarletteJSONResponse):
     def render(self, content: Any) -> bytes:
-        return pydantic_core.to_json(content, inf_nan_mode="null")
+        try:
+            return pydantic_core.to_json(content, inf_nan_mode="null")
+        except pydantic_core.PydanticSerializationError:
+            # Text that is not Unicode (a lone surrogate) has no UTF-8 form: the json module
+            # writes it as an escape, as it was stored.
+            return json.dumps(content, separators=(",", ":")).encode()

@@ -412,3 +412,25 @@ def test_job_object_is_exactly_what_the_model_declares(client, alice, settings, 
     assert set(one) == set(FineTuningJob.model_fields)
     assert one["status"] == state["status"]
     assert (one["progress"] is not None) == (state["status"] == "running")
+
+
+def test_json_columns_take_non_finite_floats_and_lone_surrogate_escapes(client, alice, settings):
+    """JSON columns go through pydantic-core: a NaN in a report is stored as null (PostgreSQL's
+    json type rejects NaN), and text the json module would have written for a lone surrogate
+    ("\\ud800") still reads back, in GET and in the list."""
+    from sqlalchemy import text
+
+    fid = upload(client, alice).json()["id"]
+    job_id = create_job(client, alice, fid).json()["id"]
+    with session_scope(settings) as s:
+        s.query(Job).filter(Job.id == job_id).update(
+            {"evaluation": {"forgetting": float("nan"), "new_fact_accuracy": 0.5}})
+    with session_scope(settings) as s:
+        s.execute(text("UPDATE jobs SET metadata = :m WHERE id = :id"),
+                  {"m": json.dumps({"note": "\ud800"}), "id": job_id})
+    one = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=h(alice))
+    assert one.status_code == 200, one.text
+    assert one.json()["evaluation"]["forgetting"] is None
+    assert one.json()["evaluation"]["new_fact_accuracy"] == 0.5
+    listed = client.get("/v1/fine_tuning/jobs", headers=h(alice))
+    assert listed.status_code == 200 and listed.json()["data"][0]["id"] == job_id
