@@ -25,7 +25,9 @@ faster of the two idiomatic forms on this stack: on 2 cores, 1 process, 32 conne
 about 540-570 reads/s and 560 creations/s against 440-525 and 390 for `async def` routes on an
 async engine (psycopg's async driver through SQLAlchemy's greenlet bridge, whose per-statement
 hand-off costs more than the thread hop it saves). --bare-style async serves that form (it needs
-`greenlet`, which the project does not install).
+`greenlet`, which the project does not install). The bare app runs its sync routes on the
+stack's default of 40 threads; driftsafe runs its on REQUEST_THREADS (6), a tuning of its own.
+--bare-threads N gives the bare app N, to see how much of a ratio that tuning is.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the bare app's dependency types, which
@@ -111,9 +113,12 @@ def _driftsafe_pool() -> dict:
 
 def bare_app():
     """The bare reference app (a uvicorn factory): reads BENCH_BARE_DATABASE_URL,
-    BENCH_BARE_SECRET and BENCH_BARE_STYLE (sync, the default, or async)."""
+    BENCH_BARE_SECRET, BENCH_BARE_STYLE (sync, the default, or async) and BENCH_BARE_THREADS
+    (its request threads; unset, the stack's default)."""
+    import contextlib
     from typing import Annotated
 
+    import anyio.to_thread
     from fastapi import Depends, FastAPI, HTTPException, Request
     from pydantic import BaseModel
 
@@ -140,7 +145,15 @@ def bare_app():
                 "seed": body.seed if body.seed is not None else int(time.time()) % 2**31,
                 "created_at": int(time.time())}
 
-    app = FastAPI(title="bare")
+    threads = int(os.environ.get("BENCH_BARE_THREADS") or 0)
+
+    @contextlib.asynccontextmanager
+    async def sized_threads(_app):
+        if threads:  # else the stack's default (anyio's 40)
+            anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+        yield
+
+    app = FastAPI(title="bare", lifespan=sized_threads)
     from sqlalchemy import insert, select
 
     def by_id(job_id: str, tenant_id: str):
@@ -532,7 +545,8 @@ def run_bench(opts) -> dict:
         bare_key, bare_job = _bare_setup(db_url)
         port = _free_port()
         bare_env = env | {"BENCH_BARE_DATABASE_URL": db_url, "BENCH_BARE_SECRET": SECRET,
-                          "BENCH_BARE_STYLE": opts.bare_style, "PYTHONPATH": str(ROOT)}
+                          "BENCH_BARE_STYLE": opts.bare_style, "PYTHONPATH": str(ROOT),
+                          "BENCH_BARE_THREADS": str(opts.bare_threads or "")}
         cmd = [sys.executable, "-m", "uvicorn", "bench.api:bare_app", "--factory",
                "--host", "127.0.0.1", "--port", str(port), "--workers", str(opts.workers)]
         with _server(cmd, bare_env, ROOT, logs / "bare.log", port) as url:
@@ -610,7 +624,8 @@ def _summary(opts, root, commit, dirty, phases, upload) -> dict:
         "commit": commit, "dirty": dirty, "driftsafe_root": str(root),
         "workers": opts.workers, "connections": opts.connections, "seconds": opts.seconds,
         "warmup_seconds": opts.warmup, "wrk_threads": opts.wrk_threads,
-        "bare_style": opts.bare_style, "cpus": os.cpu_count(),
+        "bare_style": opts.bare_style, "bare_threads": opts.bare_threads or "anyio default (40)",
+        "cpus": os.cpu_count(),
         "reads_per_s": rate["reads"], "list_reads_per_s": rate["list_reads"],
         "creates_per_s": rate["creates"], "bare_reads_per_s": rate["bare_reads"],
         "bare_creates_per_s": rate["bare_creates"],

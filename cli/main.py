@@ -88,6 +88,8 @@ def _bench(sub) -> None:
                      help="serve this driftsafe checkout instead (before/after comparisons)")
     api.add_argument("--bare-style", choices=["sync", "async"], default="sync",
                      help="the bare app's routes: sync def (default) or async def (needs greenlet)")
+    api.add_argument("--bare-threads", type=int, default=None,
+                     help="the bare app's request threads (default: the stack's, anyio's 40)")
     api.add_argument("--redis-db", type=int, default=12,
                      help="a Redis database of the bench's own (flushed before and after)")
     api.add_argument("--logs", help="keep the servers' logs in this directory")

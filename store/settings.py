@@ -71,9 +71,10 @@ class Settings(BaseSettings):
                                  "purpose: they share one interpreter lock, and 40 of them "
                                  "(anyio's default) spread latency under load with no gain in "
                                  "throughput.")
-    upload_threads: int = Field(2, ge=1, description="Threads that validate and store uploads, "
-                                "apart from request_threads: uploads that each hold a thread for "
-                                "seconds take turns on these and never hold every request thread.")
+    bulk_threads: int = Field(2, ge=1, description="Threads for work that may hold one for "
+                              "seconds (validating and storing uploads, drawing report images, "
+                              "building adapter zips), apart from request_threads, so that such "
+                              "requests never hold every request thread.")
     # A pool smaller than the threads that hold connections (requests, uploads, a worker's
     # threads) opens and closes overflow connections under load, each a PostgreSQL backend forked
     # and torn down (5% of a py-spy profile of job creations at 32 connections).

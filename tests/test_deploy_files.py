@@ -57,8 +57,8 @@ def test_images_use_commands_that_exist():
 
 
 def test_postgres_takes_the_connections_the_api_processes_keep():
-    """Each API process keeps up to db_pool_size + db_max_overflow connections open (one per
-    request thread): PostgreSQL's limit must hold two API replicas of the compose file's process
+    """Each API process may keep up to db_pool_size + db_max_overflow connections open:
+    PostgreSQL's limit must hold two API replicas of the compose file's process
     count and a dozen workers of a few connections each."""
     services = compose()["services"]
     command = services["postgres"]["command"]

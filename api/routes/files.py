@@ -5,16 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterator
-from functools import partial
 from typing import BinaryIO
 
-import anyio.to_thread
-from anyio.lowlevel import RunVar
 from fastapi import APIRouter, Form, UploadFile
 from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api.bulk import on_bulk_threads
 from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep
@@ -81,24 +79,10 @@ def _check_storage_quota(session: Session, tenant_id: str, size: int, settings) 
 async def upload_file(file: UploadFile, session: SessionDep, tenant: CurrentTenant,
                       artifacts: ArtifactsDep, settings: SettingsDep, idem: IdempotencyDep,
                       purpose: str = Form(..., json_schema_extra={"enum": list(PURPOSES)})):
-    # Reading, validating and copying a large file holds a thread for seconds: it runs on the
-    # upload threads, never on the event loop and never on the few request threads.
-    return await anyio.to_thread.run_sync(
-        partial(_store_upload, file, session, tenant, artifacts, settings, idem, purpose),
-        limiter=_upload_threads(settings.upload_threads))
-
-
-_UPLOAD_THREADS: RunVar[anyio.CapacityLimiter] = RunVar("driftsafe_upload_threads")
-
-
-def _upload_threads(size: int) -> anyio.CapacityLimiter:
-    """The upload threads' limiter, one per event loop (as anyio keeps its default one)."""
-    try:
-        return _UPLOAD_THREADS.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(size)
-        _UPLOAD_THREADS.set(limiter)
-        return limiter
+    # Reading, validating and copying a large file holds a thread for seconds: not on the event
+    # loop, and not on the few request threads (api.bulk).
+    return await on_bulk_threads(settings, _store_upload, file, session, tenant, artifacts,
+                                 settings, idem, purpose)
 
 
 def _store_upload(file: UploadFile, session: Session, tenant, artifacts, settings, idem,

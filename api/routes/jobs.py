@@ -8,7 +8,8 @@ import time
 from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import bindparam, func, select, update
 
-from api.deps import ArtifactsDep, CurrentTenant, SessionDep
+from api.bulk import on_bulk_threads
+from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep, JSONBody
 from api.models_registry import BUILTIN_MODEL_ID, known_model_ids
@@ -213,8 +214,8 @@ def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant,
 
 @router.get("/jobs/{job_id}", response_model=FineTuningJob, summary="Retrieve a job")
 def get_job(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant):
-    # A ready JSONResponse: the object is built by the same model as response_model, so FastAPI's
-    # second validation of it would be pure cost on the hottest route.
+    # A ready JSONResponse: job_object builds exactly what response_model describes (tests/api
+    # hold it to the model), so FastAPI's validation of it would be pure cost on the hottest route.
     return JSONResponse(job_object(Scoped(session, tenant).get(Job, job_id, "fine-tuning job")))
 
 
@@ -267,21 +268,33 @@ def list_checkpoints(job_id: ObjectId, session: SessionDep, tenant: CurrentTenan
             responses={200: {"content": {"application/zip": {"schema": {"type": "string"}}}},
                        404: {"description": "No such job, no adapter yet, or (select=drift_safe) "
                                             "no checkpoint within the forgetting budget"}})
-def job_adapter(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
-                artifacts: ArtifactsDep,
-                select: str | None = Query(None, pattern="^(latest|drift_safe)$")):
+async def job_adapter(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
+                      artifacts: ArtifactsDep, settings: SettingsDep,
+                      select: str | None = Query(None, pattern="^(latest|drift_safe)$")):
+    # A first download builds the zip (a full model's weights: seconds): on the bulk threads.
+    return await on_bulk_threads(settings, _job_adapter, job_id, session, tenant, artifacts,
+                                 select or "latest")
+
+
+def _job_adapter(job_id: str, session, tenant, artifacts, select: str):
     from api.adapters import adapter_response, pick_checkpoint
 
     scoped = Scoped(session, tenant)
     job = scoped.get(Job, job_id, "fine-tuning job")
-    ckpt = pick_checkpoint(session, scoped, job, select or "latest")
+    ckpt = pick_checkpoint(session, scoped, job, select)
     return adapter_response(artifacts, job, ckpt)
 
 
 @router.get("/checkpoints/{checkpoint_id}/adapter", summary="Download a checkpoint's adapter",
             responses={200: {"content": {"application/zip": {"schema": {"type": "string"}}}}})
-def checkpoint_adapter(checkpoint_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
-                       artifacts: ArtifactsDep):
+async def checkpoint_adapter(checkpoint_id: ObjectId, session: SessionDep,
+                             tenant: CurrentTenant, artifacts: ArtifactsDep,
+                             settings: SettingsDep):
+    return await on_bulk_threads(settings, _checkpoint_adapter, checkpoint_id, session, tenant,
+                                 artifacts)
+
+
+def _checkpoint_adapter(checkpoint_id: str, session, tenant, artifacts):
     from api.adapters import adapter_response
 
     scoped = Scoped(session, tenant)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
-from api.deps import CurrentTenant, SessionDep
+from api.bulk import on_bulk_threads
+from api.deps import CurrentTenant, SessionDep, SettingsDep
 from api.schemas import ObjectId, checkpoint_object, event_object, job_object
 from api.tenancy import Scoped
 from api.ui import PAGE_HEADERS, report_page
@@ -50,7 +51,13 @@ def job_report(job_id: ObjectId, request: Request, session: SessionDep, tenant: 
 
 @router.get("/jobs/{job_id}/report.png", response_class=Response, responses=PNG_OK,
             summary="A job's report (PNG)")
-def job_report_png(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant):
+async def job_report_png(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
+                         settings: SettingsDep):
+    # Drawing takes a good part of a second: on the bulk threads, not the request threads.
+    return await on_bulk_threads(settings, _report_png, session, tenant, job_id)
+
+
+def _report_png(session, tenant, job_id: str) -> Response:
     from api.charts import report_png  # matplotlib loads on the first image, not at start
 
     objects = report_objects(session, tenant, job_id)

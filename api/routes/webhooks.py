@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
@@ -28,16 +31,28 @@ router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 ALL_EVENTS = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
 
 
+# Registration resolves the URL's host on threads of its own, within webhook_deadline_seconds:
+# a name whose nameserver never answers would otherwise hold one of the API's few request threads
+# for the resolver's timeouts (10-30 s), and a few such registrations would hold them all.
+_LOOKUPS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="driftsafe-webhook-dns")
+
+
 @router.post("", response_model=WebhookObject,
              summary="Register a webhook endpoint (its signing secret is shown once)")
-def create_webhook(body: WebhookCreate, session: SessionDep, tenant: CurrentTenant,
-                   idem: IdempotencyDep, settings: SettingsDep):
+async def create_webhook(body: WebhookCreate, session: SessionDep, tenant: CurrentTenant,
+                         idem: IdempotencyDep, settings: SettingsDep):
     # Refused here so the tenant learns at once; the worker checks again at every delivery,
     # because what a name resolves to can change after registration.
+    lookup = asyncio.get_running_loop().run_in_executor(
+        _LOOKUPS, resolve, body.url, settings.webhook_allow_private)
     try:
-        resolve(body.url, settings.webhook_allow_private)
+        await asyncio.wait_for(lookup, settings.webhook_deadline_seconds)
     except RefusedURL as e:
         raise APIError(400, str(e), param="url", code="invalid_url") from None
+    except TimeoutError:
+        raise APIError(400, f"The URL's host did not resolve within "
+                            f"{settings.webhook_deadline_seconds:g} s.", param="url",
+                       code="invalid_url") from None
 
     def produce() -> JSONResponse:
         secret = "whsec_" + secrets.token_urlsafe(32)
@@ -47,7 +62,7 @@ def create_webhook(body: WebhookCreate, session: SessionDep, tenant: CurrentTena
         session.commit()
         return JSONResponse(webhook_object(row, secret))
 
-    return idem.run(body.model_dump(), produce)
+    return await run_in_threadpool(idem.run, body.model_dump(), produce)
 
 
 @router.get("", response_model=ListOf, summary="List webhook endpoints")

@@ -90,14 +90,14 @@ def qa_file(n: int) -> bytes:
 
 # --- 1. The upload runs off the event loop, one line at a time -----------------------------------
 
-def test_upload_is_validated_on_upload_threads_not_the_loop_or_request_threads(settings,
+def test_upload_is_validated_on_bulk_threads_not_the_loop_or_request_threads(settings,
                                                                                monkeypatch):
     """With one request thread, a second upload thread, and an upload held in validation, the
     other requests are still answered: the upload holds neither the event loop nor the request
-    thread (before upload_threads it ran on the request threads and would hold the only one)."""
+    thread (before bulk_threads it ran on the request threads and would hold the only one)."""
     from api.routes import files as files_route
 
-    one_thread = settings.model_copy(update={"request_threads": 1, "upload_threads": 1})
+    one_thread = settings.model_copy(update={"request_threads": 1, "bulk_threads": 1})
     migrate(one_thread)
     alice = make_tenant(one_thread, "alice")
     entered, release = threading.Event(), threading.Event()
@@ -400,7 +400,7 @@ def test_adapter_zip_is_built_once_stored_and_reused(client, alice, settings, mo
 def test_one_request_thread_serves_a_burst_of_mixed_requests(settings):
     """Nothing a route does waits for a second request thread: with one, a burst of concurrent
     reads, lists, keyed creations (duplicates among them), cancels and uploads all finish."""
-    one_thread = settings.model_copy(update={"request_threads": 1, "upload_threads": 1,
+    one_thread = settings.model_copy(update={"request_threads": 1, "bulk_threads": 1,
                                              "rate_limit_per_minute": 0})
     migrate(one_thread)
     alice = make_tenant(one_thread, "alice")
@@ -429,3 +429,39 @@ def test_one_request_thread_serves_a_burst_of_mixed_requests(settings):
     assert statuses.count(200) >= len(futures) - 1
     with session_scope(one_thread) as s:
         assert s.query(Job).count() == 1 + 3  # three distinct keys, however many duplicates
+
+
+@pytest.mark.parametrize("path, module, name", [
+    ("/v1/fine_tuning/jobs/{job}/report.png", "api.charts", "report_png"),
+    ("/v1/fine_tuning/jobs/{job}/adapter", "api.adapters", "pick_checkpoint"),
+], ids=["report-image", "adapter-download"])
+def test_slow_downloads_run_on_bulk_threads(settings, monkeypatch, path, module, name):
+    """Drawing a report image and building an adapter zip take seconds: held in the middle,
+    with one request thread, job reads are still answered."""
+    import importlib
+
+    one_thread = settings.model_copy(update={"request_threads": 1, "bulk_threads": 1})
+    migrate(one_thread)
+    alice = make_tenant(one_thread, "alice")
+    target = importlib.import_module(module)
+    real, entered, release = getattr(target, name), threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, held)
+    with TestClient(create_app(one_thread)) as client, ThreadPoolExecutor(2) as pool:
+        fid = upload(client, alice).json()["id"]
+        job = client.post("/v1/fine_tuning/jobs", headers=h(alice), json={
+            "model": "driftsafe-factlm-tiny", "training_file": fid}).json()["id"]
+        slow = pool.submit(client.get, path.format(job=job), headers=h(alice))
+        try:
+            assert entered.wait(10), "the slow route never started"
+            read = pool.submit(client.get, f"/v1/fine_tuning/jobs/{job}", headers=h(alice))
+            assert read.result(timeout=10).status_code == 200
+            assert not slow.done()
+        finally:
+            release.set()
+        assert slow.result(timeout=60).status_code in (200, 404)  # 404: no checkpoint yet

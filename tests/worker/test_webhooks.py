@@ -277,6 +277,39 @@ def test_registration_accepts_public_names_and_private_addresses_only_when_allow
     assert r.status_code == 200
 
 
+def test_a_name_that_never_resolves_is_refused_at_the_deadline_holding_no_request_thread(
+        tmp_path, monkeypatch):
+    """A nameserver that never answers: with one request thread, the registration is refused
+    once webhook_deadline_seconds pass, and other requests are answered meanwhile (the lookup
+    once held the only request thread for the resolver's whole timeout)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    released = threading.Event()
+
+    def never_answers(host, *args, **kwargs):
+        released.wait(30)
+        raise socket.gaierror("timed out")
+
+    monkeypatch.setattr(socket, "getaddrinfo", never_answers)
+    settings = make_settings(tmp_path, request_threads=1, webhook_deadline_seconds=1.0)
+    try:
+        with TestClient(create_app(settings)) as client, ThreadPoolExecutor(2) as pool:
+            alice = make_tenant(settings, "alice")
+            started = time.monotonic()
+            hook = pool.submit(client.post, "/v1/webhooks", headers=h(alice),
+                               json={"url": "https://slow.example/h"})
+            time.sleep(0.2)
+            other = pool.submit(client.get, "/v1/webhooks", headers=h(alice))
+            assert other.result(timeout=5).status_code == 200
+            r = hook.result(timeout=10)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "url", r.text
+            assert "did not resolve within 1 s" in r.json()["error"]["message"]
+            assert time.monotonic() - started < 5
+            assert client.get("/v1/webhooks", headers=h(alice)).json()["data"] == []
+    finally:
+        released.set()
+
+
 # --- 1. SSRF: delivery -------------------------------------------------------------------------
 
 def test_delivery_refuses_a_name_that_now_resolves_to_a_private_address(api, dns, tmp_path):
