@@ -11,7 +11,10 @@ One run, side by side, on one fresh PostgreSQL database and a Redis database of 
 
 `wrk` drives every phase at --connections for --seconds after a warm-up: job reads, job-list
 reads (limit=20), job creations (each with its own Idempotency-Key), the bare app's reads and
-creations, and job reads while one client streams a large JSONL upload again and again. Each phase
+creations, and job reads while one client streams a large JSONL upload again and again. Both apps
+are up at once and every phase but the last runs --rounds times (2), the bare app's beside
+driftsafe's, so that a drift of the machine's load hits both; a phase's figure is its rounds' mean
+rate and p50 and their worst p99 (each round is kept in the JSON). Each phase
 reports requests/s (2xx only), p50/p90/p99 latency and its errors (non-2xx by status, socket
 errors, timeouts); a run with errors says so loudly and exits 3.
 
@@ -41,6 +44,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -430,6 +434,11 @@ def _write_upload_file(path: Path, mb: float) -> int:
             i += 2000
             f.write(chunk)
             written += len(chunk)
+        # On disk before any phase starts: the kernel would otherwise write these 200 MB back
+        # some 30 s later, in the middle of a measured phase, and PostgreSQL's commits would
+        # wait behind it.
+        f.flush()
+        os.fsync(f.fileno())
     return path.stat().st_size
 
 
@@ -543,21 +552,15 @@ def run_bench(opts) -> dict:
 
         # the bare app, same process count, same database
         bare_key, bare_job = _bare_setup(db_url)
-        port = _free_port()
         bare_env = env | {"BENCH_BARE_DATABASE_URL": db_url, "BENCH_BARE_SECRET": SECRET,
                           "BENCH_BARE_STYLE": opts.bare_style, "PYTHONPATH": str(ROOT),
                           "BENCH_BARE_THREADS": str(opts.bare_threads or "")}
+        port = _free_port()
         cmd = [sys.executable, "-m", "uvicorn", "bench.api:bare_app", "--factory",
                "--host", "127.0.0.1", "--port", str(port), "--workers", str(opts.workers)]
-        with _server(cmd, bare_env, ROOT, logs / "bare.log", port) as url:
-            body = json.dumps({"model": MODEL, "training_file": "file-bare"})
-            phases["bare_reads"] = _phase("bare_reads", opts, lambda s: _wrk(
-                wrk, url, "GET", f"/v1/fine_tuning/jobs/{bare_job}", bare_key, seconds=s, **load))
-            phases["bare_creates"] = _phase("bare_creates", opts, lambda s: _wrk(
-                wrk, url, "POST", "/v1/fine_tuning/jobs", bare_key, body=body,
-                unique_keys=True, seconds=s, **load))
+        bare_url = stack.enter_context(_server(cmd, bare_env, ROOT, logs / "bare.log", port))
 
-        # driftsafe as deployed
+        # driftsafe as deployed, up at the same time: its phases and the bare app's alternate
         out = subprocess.run([sys.executable, "-m", "cli.main", "tenants", "create", "bench"],
                              env=env, cwd=root, capture_output=True, text=True, timeout=180)
         if out.returncode != 0:
@@ -570,43 +573,84 @@ def run_bench(opts) -> dict:
                "--port", str(port)]
         if opts.workers > 1:
             cmd += ["--workers", str(opts.workers)]
-        with _server(cmd, env, root, logs / "driftsafe.log", port) as url:
-            file_id, job_id = _driftsafe_setup(url, key)
-            body = json.dumps({"model": MODEL, "training_file": file_id})
-            phases["reads"] = _phase("reads", opts, lambda s: _wrk(
+        url = stack.enter_context(_server(cmd, env, root, logs / "driftsafe.log", port))
+        file_id, job_id = _driftsafe_setup(url, key)
+        bare_body = json.dumps({"model": MODEL, "training_file": "file-bare"})
+        body = json.dumps({"model": MODEL, "training_file": file_id})
+        runs = {
+            "bare_reads": lambda s: _wrk(wrk, bare_url, "GET", f"/v1/fine_tuning/jobs/{bare_job}",
+                                         bare_key, seconds=s, **load),
+            "reads": lambda s: _wrk(wrk, url, "GET", f"/v1/fine_tuning/jobs/{job_id}", key,
+                                    seconds=s, **load),
+            "list_reads": lambda s: _wrk(wrk, url, "GET", "/v1/fine_tuning/jobs?limit=20", key,
+                                         seconds=s, **load),
+            "bare_creates": lambda s: _wrk(wrk, bare_url, "POST", "/v1/fine_tuning/jobs",
+                                           bare_key, body=bare_body, unique_keys=True,
+                                           seconds=s, **load),
+            "creates": lambda s: _wrk(wrk, url, "POST", "/v1/fine_tuning/jobs", key, body=body,
+                                      unique_keys=True, seconds=s, **load),
+        }
+        # Rounds of every phase, each bare phase beside driftsafe's: the load of a shared
+        # machine drifts by a third over a minute, and a ratio of phases minutes apart measured
+        # that drift as much as the apps.
+        rounds: dict[str, list[dict]] = {name: [] for name in runs}
+        for i in range(opts.rounds):
+            if opts.rounds > 1:
+                print(f"round {i + 1}/{opts.rounds}", file=sys.stderr, flush=True)
+            for name, run in runs.items():
+                rounds[name].append(_phase(name, opts, run))
+        phases.update({name: _combined(results) for name, results in rounds.items()})
+        # Reads while one client uploads, once, at the end (ratio to the rounds' reads)
+        uploader = _Uploader(url, key, big)
+        uploader.start()
+        t0 = time.monotonic()
+        try:
+            phases["reads_during_upload"] = _phase("reads_during_upload", opts, lambda s: _wrk(
                 wrk, url, "GET", f"/v1/fine_tuning/jobs/{job_id}", key, seconds=s, **load))
-            phases["list_reads"] = _phase("list_reads", opts, lambda s: _wrk(
-                wrk, url, "GET", "/v1/fine_tuning/jobs?limit=20", key, seconds=s, **load))
-            phases["creates"] = _phase("creates", opts, lambda s: _wrk(
-                wrk, url, "POST", "/v1/fine_tuning/jobs", key, body=body, unique_keys=True,
-                seconds=s, **load))
-            uploader = _Uploader(url, key, big)
-            uploader.start()
-            t0 = time.monotonic()
-            try:
-                phases["reads_during_upload"] = _phase("reads_during_upload", opts, lambda s: _wrk(
-                    wrk, url, "GET", f"/v1/fine_tuning/jobs/{job_id}", key, seconds=s, **load))
-            finally:
-                uploader.stop.set()
-                done_in_phase, phase_s = uploader.completed, time.monotonic() - t0
-                running_at_end = uploader.is_alive()
-                uploader.join(timeout=120)  # let the upload in flight finish, for its timing
-            each = uploader.seconds
-            upload = {
-                "file_mb": round(upload_bytes / 2**20, 1), "phase_s": round(phase_s, 1),
-                "completed_in_phase": done_in_phase, "completed": uploader.completed,
-                "seconds_each": [round(s, 2) for s in each],
-                "mb_per_s": (round(len(each) * upload_bytes / 2**20 / sum(each), 1)
-                             if each else None),
-                "statuses": uploader.statuses, "failures": uploader.failures[:3],
-                "in_flight_at_end": running_at_end,
-            }
+        finally:
+            uploader.stop.set()
+            done_in_phase, phase_s = uploader.completed, time.monotonic() - t0
+            running_at_end = uploader.is_alive()
+            uploader.join(timeout=120)  # let the upload in flight finish, for its timing
+        each = uploader.seconds
+        upload = {
+            "file_mb": round(upload_bytes / 2**20, 1), "phase_s": round(phase_s, 1),
+            "completed_in_phase": done_in_phase, "completed": uploader.completed,
+            "seconds_each": [round(s, 2) for s in each],
+            "mb_per_s": (round(len(each) * upload_bytes / 2**20 / sum(each), 1)
+                         if each else None),
+            "statuses": uploader.statuses, "failures": uploader.failures[:3],
+            "in_flight_at_end": running_at_end,
+        }
         result = _summary(opts, root, commit, dirty, phases, upload)
         if result["total_errors"]:
             for log in (logs / "bare.log", logs / "driftsafe.log"):
                 print(f"--- {log.name}, lines other than 2xx access lines (last 40):\n"
                       + "\n".join(_unusual_lines(log)[-40:]), file=sys.stderr)
     return result
+
+
+def _combined(results: list[dict]) -> dict:
+    """One phase over its rounds: the mean rate and p50, the worst p90, p99 and max (a target
+    on p99 holds in every round or not at all), counts summed, each round kept."""
+    if len(results) == 1:
+        return results[0]
+    mean = lambda key: round(statistics.fmean(r[key] for r in results), 2)  # noqa: E731
+    worst = lambda key: max(r[key] for r in results)  # noqa: E731
+    statuses: dict[str, int] = {}
+    socket_errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+        for k, v in r["socket_errors"].items():
+            socket_errors[k] = socket_errors.get(k, 0) + v
+    return {**results[-1], "per_s": mean("per_s"), "p50_ms": mean("p50_ms"),
+            "p90_ms": worst("p90_ms"), "p99_ms": worst("p99_ms"), "max_ms": worst("max_ms"),
+            "requests": sum(r["requests"] for r in results),
+            "duration_s": round(sum(r["duration_s"] for r in results), 3),
+            "statuses": statuses, "socket_errors": socket_errors,
+            "non_2xx": sum(r["non_2xx"] for r in results),
+            "errors": sum(r["errors"] for r in results), "rounds": results}
 
 
 def _unusual_lines(log: Path) -> list[str]:
@@ -624,7 +668,8 @@ def _summary(opts, root, commit, dirty, phases, upload) -> dict:
         "commit": commit, "dirty": dirty, "driftsafe_root": str(root),
         "workers": opts.workers, "connections": opts.connections, "seconds": opts.seconds,
         "warmup_seconds": opts.warmup, "wrk_threads": opts.wrk_threads,
-        "bare_style": opts.bare_style, "bare_threads": opts.bare_threads or "anyio default (40)",
+        "rounds": opts.rounds, "bare_style": opts.bare_style,
+        "bare_threads": opts.bare_threads or "anyio default (40)",
         "cpus": os.cpu_count(),
         "reads_per_s": rate["reads"], "list_reads_per_s": rate["list_reads"],
         "creates_per_s": rate["creates"], "bare_reads_per_s": rate["bare_reads"],

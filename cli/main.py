@@ -79,6 +79,8 @@ def _bench(sub) -> None:
     api.add_argument("--connections", type=int, default=32)
     api.add_argument("--seconds", type=int, default=10, help="measured seconds per phase")
     api.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each phase")
+    api.add_argument("--rounds", type=int, default=2,
+                     help="rounds of every phase, the bare app's beside driftsafe's")
     api.add_argument("--wrk-threads", type=int, default=2)
     api.add_argument("--timeout", type=int, default=30,
                      help="seconds before wrk counts a request as timed out")

@@ -38,4 +38,10 @@ def test_bench_api_smallest_run(tmp_path):
     assert result["workers"] == 1 and result["connections"] == 4 and result["seconds"] == 1
     assert all(result["phases"][p]["requests"] > 0 for p in PHASES)
     assert result["bare_reads_per_s"] > 0 and result["reads_per_s"] > 0
+    # Rounds, the bare app's phases beside driftsafe's: a phase is its rounds' mean rate and
+    # their worst p99.
+    reads = result["phases"]["reads"]
+    assert result["rounds"] == 2 and len(reads["rounds"]) == 2
+    assert reads["p99_ms"] == max(r["p99_ms"] for r in reads["rounds"])
+    assert reads["requests"] == sum(r["requests"] for r in reads["rounds"])
     assert "reads vs bare app" in run.stdout
