@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
+from sqlalchemy import func, or_, select
 
 from api.bulk import on_bulk_threads
 from api.deps import CurrentTenant, SessionDep, SettingsDep
@@ -30,12 +31,32 @@ PNG_OK = {200: {"description": "The report as a PNG image (1200x800): scores and
                                                      "contentMediaType": "image/png"}}}}}
 
 
+# A worker writes a loss sample every 2 s, so a job of a few days has tens of thousands; a report
+# draws at most this many of them, evenly spaced, the newest always among them. Scoring events
+# (one per checkpoint) are all kept.
+MAX_LOSS_SAMPLES = 1000
+
+
 def report_objects(session, tenant, job_id: str) -> tuple[dict, list[dict], list[dict]]:
-    """The job, its metrics events (newest first, as /events pages them) and its checkpoints."""
+    """The job, its metrics events (newest first, as /events pages them; loss samples thinned to
+    MAX_LOSS_SAMPLES) and its checkpoints."""
     scoped = Scoped(session, tenant)
     job = scoped.get(Job, job_id, "fine-tuning job")
-    events = session.scalars(scoped.select(JobEvent).where(
-        JobEvent.job_id == job.id, JobEvent.type == "metrics").order_by(JobEvent.seq.desc()))
+    metrics = scoped.select(JobEvent).where(JobEvent.job_id == job.id,
+                                            JobEvent.type == "metrics")
+    is_loss = JobEvent.data["train_loss"].as_float().is_not(None)
+    losses = session.scalar(select(func.count()).select_from(
+        metrics.where(is_loss).subquery()))
+    if losses > MAX_LOSS_SAMPLES:
+        # Row n of L (newest first) is kept when (n-1)*MAX mod L < MAX: exactly MAX rows, spaced
+        # L/MAX apart to within one, row 1 (the newest) among them.
+        numbered = metrics.where(is_loss).with_only_columns(
+            JobEvent.seq, func.row_number().over(order_by=JobEvent.seq.desc()).label("n"),
+        ).subquery()
+        kept = select(numbered.c.seq).where(
+            (numbered.c.n - 1) * MAX_LOSS_SAMPLES % losses < MAX_LOSS_SAMPLES)
+        metrics = metrics.where(or_(~is_loss, JobEvent.seq.in_(kept)))
+    events = session.scalars(metrics.order_by(JobEvent.seq.desc()))
     checkpoints = session.scalars(scoped.select(Checkpoint).where(
         Checkpoint.job_id == job.id).order_by(Checkpoint.seq.desc()))
     return (job_object(job), [event_object(e) for e in events],

@@ -159,3 +159,33 @@ def test_the_comparison_png_that_the_demo_writes(client, tenants, tmp_path):
     image = Image.open(path)
     assert image.format == "PNG" and image.size[0] >= 400 and image.size[1] >= 300
     assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
+
+
+def test_a_long_job_s_report_draws_at_most_the_cap_of_loss_samples(client, settings):
+    """Tens of thousands of loss samples (a job of days) are thinned evenly for the report, the
+    newest kept, and every scoring event kept: the page and image stay cheap to build."""
+    from api.routes.report import MAX_LOSS_SAMPLES
+    from store.db import session_scope
+    from store.models import JobEvent
+
+    tenant_id, key = new_tenant(settings, "carol")
+    job_id = add_job(settings, tenant_id, "supervised", suffix="long")
+    total = 2 * MAX_LOSS_SAMPLES + 500
+    with session_scope(settings) as s:
+        s.add_all(JobEvent(tenant_id=tenant_id, job_id=job_id, type="metrics",
+                           message=f"Step {i}", data={"step": i, "train_loss": 1.0 / i})
+                  for i in range(1000, 1000 + total))
+    r = client.get(f"/v1/fine_tuning/jobs/{job_id}/report",
+                   headers={"Authorization": f"Bearer {key}"})
+    events = _embedded(r.text)["events"]
+    losses = [e for e in events if "train_loss" in e["data"]]
+    scores = [e for e in events if "known_accuracy" in e["data"]]
+    assert len(losses) == MAX_LOSS_SAMPLES
+    assert losses[0]["data"]["step"] == 1000 + total - 1  # the newest sample
+    steps = [e["data"]["step"] for e in losses if e["data"]["step"] >= 1000]
+    assert steps == sorted(steps, reverse=True)
+    assert {a - b for a, b in zip(steps, steps[1:])} <= {2, 3}  # evenly spaced, to within one
+    assert [e["data"]["step"] for e in scores] == [200, 150, 100, 50]  # every scoring event
+    png = client.get(f"/v1/fine_tuning/jobs/{job_id}/report.png",
+                     headers={"Authorization": f"Bearer {key}"})
+    assert png.status_code == 200
