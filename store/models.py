@@ -58,7 +58,7 @@ class StoredFile(Base):
     __tablename__ = "files"
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True, default=lambda: new_id("file-"))
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     filename: Mapped[str] = mapped_column(String(255))  # the client's name: a label, never a path
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger)
@@ -74,7 +74,7 @@ class Job(Base):
     __tablename__ = "jobs"
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True, default=lambda: new_id("ftjob-"))
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     model: Mapped[str] = mapped_column(String(200))
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -111,7 +111,7 @@ class JobEvent(Base):
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True, default=lambda: new_id("ftevent-"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     level: Mapped[str] = mapped_column(String(16), default="info")
     message: Mapped[str] = mapped_column(Text)
@@ -124,7 +124,7 @@ class Checkpoint(Base):
     seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True, default=lambda: new_id("ftckpt_"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     step_number: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict] = mapped_column(JSONType, default=dict)
@@ -158,6 +158,8 @@ class WebhookEndpoint(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+# No index leads with only tenant_id or job_id where one of these begins with it: each is
+# another entry every insert writes, and these serve every lookup it would (migration 0005).
 Index("ix_jobs_tenant_seq", Job.tenant_id, Job.seq)
 Index("ix_jobs_tenant_status", Job.tenant_id, Job.status)  # the running-jobs quota
 Index("ix_files_tenant_seq", StoredFile.tenant_id, StoredFile.seq)
