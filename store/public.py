@@ -81,6 +81,13 @@ def _openai_hyperparameters(job: Job) -> dict:
     return {**hp, "learning_rate_multiplier": hp.get("learning_rate_multiplier") or "auto"}
 
 
+def _error(e: dict) -> dict:
+    # Jobs failed before the worker kept error codes its own may hold another library's (None).
+    code = e.get("code")
+    return {"code": code if isinstance(code, str) and code else "training_failed",
+            "message": e["message"], "param": e.get("param")}
+
+
 def _progress(p: dict) -> dict:
     left = p.get("seconds_remaining")
     return {"step": int(p["step"]), "total_steps": int(p["total_steps"]),
@@ -108,8 +115,7 @@ def job_object(job: Job) -> dict:
         "training_file": job.training_file, "validation_file": job.validation_file,
         "hyperparameters": _openai_hyperparameters(job), "method": method,
         "result_files": job.result_files or [], "trained_tokens": job.trained_tokens,
-        "error": ({"code": error["code"], "message": error["message"],
-                   "param": error.get("param")} if error else None),
+        "error": _error(error) if error else None,
         "seed": spec["seed"], "estimated_finish": job.estimated_finish,
         "metadata": job.job_metadata, "integrations": [], "user_provided_suffix": job.suffix,
         "adapter": spec["adapter"], "evaluation": evaluation,

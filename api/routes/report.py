@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
-from sqlalchemy import func, or_, select
+from sqlalchemy import Select, func, or_, select
+from sqlalchemy.exc import OperationalError
 
 from api.bulk import on_bulk_threads
 from api.deps import CurrentTenant, SessionDep, SettingsDep
@@ -33,7 +34,7 @@ PNG_OK = {200: {"description": "The report as a PNG image (1200x800): scores and
 
 # A worker writes a loss sample every 2 s, so a job of a few days has tens of thousands; a report
 # draws at most this many of them, evenly spaced, the newest always among them. Scoring events
-# (one per checkpoint) are all kept.
+# (one per checkpoint, the ones with a known accuracy) are all kept.
 MAX_LOSS_SAMPLES = 1000
 
 
@@ -44,23 +45,36 @@ def report_objects(session, tenant, job_id: str) -> tuple[dict, list[dict], list
     job = scoped.get(Job, job_id, "fine-tuning job")
     metrics = scoped.select(JobEvent).where(JobEvent.job_id == job.id,
                                             JobEvent.type == "metrics")
-    is_loss = JobEvent.data["train_loss"].as_float().is_not(None)
-    losses = session.scalar(select(func.count()).select_from(
-        metrics.where(is_loss).subquery()))
-    if losses > MAX_LOSS_SAMPLES:
-        # Row n of L (newest first) is kept when (n-1)*MAX mod L < MAX: exactly MAX rows, spaced
-        # L/MAX apart to within one, row 1 (the newest) among them.
-        numbered = metrics.where(is_loss).with_only_columns(
-            JobEvent.seq, func.row_number().over(order_by=JobEvent.seq.desc()).label("n"),
-        ).subquery()
-        kept = select(numbered.c.seq).where(
-            (numbered.c.n - 1) * MAX_LOSS_SAMPLES % losses < MAX_LOSS_SAMPLES)
-        metrics = metrics.where(or_(~is_loss, JobEvent.seq.in_(kept)))
-    events = session.scalars(metrics.order_by(JobEvent.seq.desc()))
+    try:
+        events = session.scalars(_thinned(session, metrics).order_by(JobEvent.seq.desc())).all()
+    except OperationalError:
+        # SQLite cannot read JSON holding a bare NaN, which rows written before JSON columns
+        # went through pydantic-core (null for non-finite floats) may: such a job's report shows
+        # every sample, as it did then.
+        session.rollback()
+        events = session.scalars(metrics.order_by(JobEvent.seq.desc())).all()
     checkpoints = session.scalars(scoped.select(Checkpoint).where(
         Checkpoint.job_id == job.id).order_by(Checkpoint.seq.desc()))
     return (job_object(job), [event_object(e) for e in events],
             [checkpoint_object(c, job) for c in checkpoints])
+
+
+def _thinned(session, metrics: Select) -> Select:
+    """`metrics` with its loss samples (every metrics event but the scoring ones, whatever its
+    loss holds) cut to MAX_LOSS_SAMPLES: row n of L, newest first, is kept when
+    (n-1)*MAX mod L < MAX, which keeps exactly MAX rows, L/MAX apart to within one, the newest
+    among them."""
+    is_score = JobEvent.data["known_accuracy"].as_float().is_not(None)
+    samples = metrics.where(~is_score)
+    count = session.scalar(select(func.count()).select_from(samples.subquery()))
+    if count <= MAX_LOSS_SAMPLES:
+        return metrics
+    numbered = samples.with_only_columns(
+        JobEvent.seq, func.row_number().over(order_by=JobEvent.seq.desc()).label("n"),
+    ).subquery()
+    kept = select(numbered.c.seq).where(
+        (numbered.c.n - 1) * MAX_LOSS_SAMPLES % count < MAX_LOSS_SAMPLES)
+    return metrics.where(or_(is_score, JobEvent.seq.in_(kept)))
 
 
 @router.get("/jobs/{job_id}/report", response_class=HTMLResponse, responses=HTML_OK,

@@ -12,13 +12,14 @@ Content-Security-Policy runs scripts from this server only.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+
+from store.db import json_bytes
 
 HERE = Path(__file__).parent
 STATIC = "/ui/static"
@@ -44,8 +45,9 @@ def _template(name: str) -> str:
 
 
 def embedded_json(value) -> str:
-    """JSON that cannot end the <script> element holding it, nor open a comment or CDATA."""
-    return (json.dumps(value, separators=(",", ":")).replace("<", "\\u003c")
+    """JSON that cannot end the <script> element holding it, nor open a comment or CDATA, and
+    that JSON.parse reads (no bare NaN: `json_bytes` writes null)."""
+    return (json_bytes(value).decode().replace("<", "\\u003c")
             .replace(">", "\\u003e").replace("&", "\\u0026")
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 

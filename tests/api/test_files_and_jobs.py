@@ -386,6 +386,7 @@ ROW_STATES = [
     {"status": "failed", "finished_at": 1_800_000_000,
      "error": {"code": "worker_lost", "message": "lost é"}},
     {"status": "failed", "error": {"code": "bad_file", "message": "m", "param": "training_file"}},
+    {"status": "failed", "error": {"code": None, "message": "written before codes were ours"}},
     {"status": "cancelled", "metadata": {"team": "ünï"}},
 ]
 
