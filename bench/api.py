@@ -634,7 +634,7 @@ def _combined(results: list[dict]) -> dict:
     """One phase over its rounds: the mean rate and p50, the worst p90, p99 and max (a target
     on p99 holds in every round or not at all), counts summed, each round kept."""
     if len(results) == 1:
-        return results[0]
+        return {**results[0], "rounds": results}
     mean = lambda key: round(statistics.fmean(r[key] for r in results), 2)  # noqa: E731
     worst = lambda key: max(r[key] for r in results)  # noqa: E731
     statuses: dict[str, int] = {}
@@ -647,6 +647,7 @@ def _combined(results: list[dict]) -> dict:
     return {**results[-1], "per_s": mean("per_s"), "p50_ms": mean("p50_ms"),
             "p90_ms": worst("p90_ms"), "p99_ms": worst("p99_ms"), "max_ms": worst("max_ms"),
             "requests": sum(r["requests"] for r in results),
+            "ok": sum(r["ok"] for r in results),
             "duration_s": round(sum(r["duration_s"] for r in results), 3),
             "statuses": statuses, "socket_errors": socket_errors,
             "non_2xx": sum(r["non_2xx"] for r in results),

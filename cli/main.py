@@ -46,6 +46,13 @@ def _train(sub) -> None:
     p.set_defaults(func=_lazy("trainer.cli", "train_command"))
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print their figures")
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
@@ -79,7 +86,7 @@ def _bench(sub) -> None:
     api.add_argument("--connections", type=int, default=32)
     api.add_argument("--seconds", type=int, default=10, help="measured seconds per phase")
     api.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each phase")
-    api.add_argument("--rounds", type=int, default=2,
+    api.add_argument("--rounds", type=_at_least_one, default=2,
                      help="rounds of every phase, the bare app's beside driftsafe's")
     api.add_argument("--wrk-threads", type=int, default=2)
     api.add_argument("--timeout", type=int, default=30,

@@ -310,6 +310,45 @@ def test_a_name_that_never_resolves_is_refused_at_the_deadline_holding_no_reques
         released.set()
 
 
+def test_one_tenant_s_unresolvable_names_hold_at_most_two_lookups(tmp_path, monkeypatch):
+    """Lookups past their deadline still hold a thread until the resolver gives up: a tenant
+    may hold two, its third registration is 429 at once, and another tenant still registers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from api.routes import webhooks as route
+
+    released = threading.Event()
+
+    def resolver(host, *args, **kwargs):
+        if host == "slow.example":
+            released.wait(30)
+            raise socket.gaierror("timed out")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    settings = make_settings(tmp_path, webhook_deadline_seconds=0.5)
+    try:
+        with TestClient(create_app(settings)) as client, ThreadPoolExecutor(2) as pool:
+            alice, bob = make_tenant(settings, "alice"), make_tenant(settings, "bob")
+            slow = {"url": "https://slow.example/h"}
+            first = [pool.submit(client.post, "/v1/webhooks", headers=h(alice), json=slow)
+                     for _ in range(route.LOOKUPS_PER_TENANT)]
+            assert [f.result(timeout=10).status_code for f in first] == [400, 400]
+            third = client.post("/v1/webhooks", headers=h(alice), json=slow)
+            assert third.status_code == 429 and third.headers["retry-after"], third.text
+            ok = client.post("/v1/webhooks", headers=h(bob), json={"url": "https://ok.example/h"})
+            assert ok.status_code == 200, ok.text
+            released.set()  # the resolver gives up: alice's lookups are hers again
+            deadline = time.monotonic() + 10
+            while route._lookups_held and time.monotonic() < deadline:
+                time.sleep(0.05)
+            again = client.post("/v1/webhooks", headers=h(alice),
+                                json={"url": "https://ok.example/h"})
+            assert again.status_code == 200, again.text
+    finally:
+        released.set()
+
+
 # --- 1. SSRF: delivery -------------------------------------------------------------------------
 
 def test_delivery_refuses_a_name_that_now_resolves_to_a_private_address(api, dns, tmp_path):
