@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -635,23 +636,20 @@ def _combined(results: list[dict]) -> dict:
     on p99 holds in every round or not at all), counts summed, each round kept."""
     if len(results) == 1:
         return {**results[0], "rounds": results}
-    mean = lambda key: round(statistics.fmean(r[key] for r in results), 2)  # noqa: E731
-    worst = lambda key: max(r[key] for r in results)  # noqa: E731
-    statuses: dict[str, int] = {}
-    socket_errors: dict[str, int] = {}
-    for r in results:
-        for k, v in r["statuses"].items():
-            statuses[k] = statuses.get(k, 0) + v
-        for k, v in r["socket_errors"].items():
-            socket_errors[k] = socket_errors.get(k, 0) + v
-    return {**results[-1], "per_s": mean("per_s"), "p50_ms": mean("p50_ms"),
-            "p90_ms": worst("p90_ms"), "p99_ms": worst("p99_ms"), "max_ms": worst("max_ms"),
-            "requests": sum(r["requests"] for r in results),
-            "ok": sum(r["ok"] for r in results),
-            "duration_s": round(sum(r["duration_s"] for r in results), 3),
-            "statuses": statuses, "socket_errors": socket_errors,
-            "non_2xx": sum(r["non_2xx"] for r in results),
-            "errors": sum(r["errors"] for r in results), "rounds": results}
+    combined = {**results[-1], "rounds": results}
+    for key in ("per_s", "p50_ms"):
+        combined[key] = round(statistics.fmean(r[key] for r in results), 2)
+    for key in ("p90_ms", "p99_ms", "max_ms"):
+        combined[key] = max(r[key] for r in results)
+    for key in ("requests", "ok", "non_2xx", "errors"):
+        combined[key] = sum(r[key] for r in results)
+    combined["duration_s"] = round(sum(r["duration_s"] for r in results), 3)
+    for key in ("statuses", "socket_errors"):  # update() keeps zero counts, as wrk's are shown
+        counts = Counter()
+        for r in results:
+            counts.update(r[key])
+        combined[key] = dict(counts)
+    return combined
 
 
 def _unusual_lines(log: Path) -> list[str]:

@@ -81,11 +81,15 @@ def _openai_hyperparameters(job: Job) -> dict:
     return {**hp, "learning_rate_multiplier": hp.get("learning_rate_multiplier") or "auto"}
 
 
+def error_code(code: object) -> str:
+    """A job's error.code, always one of ours: other libraries' exceptions carry a `code` of
+    their own (SQLAlchemy's: None or "9h9h"), and jobs failed before the worker kept to this
+    may hold one."""
+    return code if isinstance(code, str) and code else "training_failed"
+
+
 def _error(e: dict) -> dict:
-    # Jobs failed before the worker kept error codes its own may hold another library's (None).
-    code = e.get("code")
-    return {"code": code if isinstance(code, str) and code else "training_failed",
-            "message": e["message"], "param": e.get("param")}
+    return {"code": error_code(e.get("code")), "message": e["message"], "param": e.get("param")}
 
 
 def _progress(p: dict) -> dict:

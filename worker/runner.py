@@ -24,6 +24,7 @@ from store.artifacts import ArtifactStore
 from store.db import session_scope
 from store.jobstate import JobStatus
 from store.models import Checkpoint, Job, StoredFile
+from store.public import error_code
 from store.queue import task_time_limit
 from store.settings import Settings
 from worker.lifecycle import (
@@ -248,10 +249,7 @@ def _fail(settings: Settings, job: Job, worker_id: str, e: Exception) -> str:
     ours = isinstance(e, (JobFailure, ValueError))
     message = str(e) if ours else (
         f"internal error during training ({type(e).__name__}); the operators have the log")
-    # Other libraries' exceptions carry a `code` of their own (SQLAlchemy's: None or "9h9h"),
-    # which is no error code of ours: the job's error.code is always one of ours, a string.
-    code = getattr(e, "code", None) if ours else None
-    code = code if isinstance(code, str) and code else "training_failed"
+    code = error_code(getattr(e, "code", None) if ours else None)
     log.exception("job %s failed", job.id)
 
     def write() -> str:
