@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 
 from trainer.modelfacts import check_tied_selection, embeddings_are_tied
 from trainer.spec import AdapterSpec, FrozenGroupsHyperparameters, TrainSpec
@@ -106,32 +107,40 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def _lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's LoRA Linear forward for the plain case, with the adapter's scaling and sum folded
-    into one addmm: base(x) + s * (x A^T) B^T. PEFT computes B's output, multiplies it by s and
-    adds it to base(x): two more passes over a [tokens x out_features] tensor each way, which on
-    the CPU cost more than the adapter's matmuls. Autograd through addmm scales the [tokens x r]
-    side instead. Anything else (adapters off or merged, several active, dropout, a variant such
-    as DoRA, a bias on B, extra arguments) goes to PEFT's own forward."""
+    """PEFT's LoRA Linear forward for the plain case, as three matrix products on the tokens
+    flattened to rows: base(x) + s * (x A^T) B^T, with the adapter's scaling and sum folded into
+    one addmm. PEFT computes B's output, multiplies it by s and adds it to base(x): two more
+    passes over a [tokens x out_features] tensor each way, which on the CPU cost more than the
+    adapter's matmuls (autograd through addmm scales the [tokens x r] side instead). And a
+    linear layer fed [batch, time, features] folds and unfolds them around its product: views
+    that each cost an op and an autograd node, three times per layer per step; flattened once
+    here, they went from ~5% of a training step on the built-in model. Anything else (adapters
+    off or merged, several active, dropout, a variant such as DoRA, a bias on B, a base layer
+    that is not a plain hook-free Linear, extra arguments) goes to PEFT's own forward."""
     from peft.tuners.lora.layer import Linear
 
     name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+    base = self.base_layer
     if (name is None or args or kwargs or self.disable_adapters or self.merged
             or name not in self.lora_A or name in self.lora_variant
             or self.lora_B[name].bias is not None
             or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+            or type(base) is not torch.nn.Linear or base._forward_hooks
+            or base._forward_pre_hooks
             or (x.dtype != self.lora_A[name].weight.dtype and not torch.is_autocast_enabled())):
         return Linear.forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    h = torch.nn.functional.linear(x, self.lora_A[name].weight)
-    out = torch.addmm(result.reshape(-1, result.size(-1)), h.reshape(-1, h.size(-1)),
+    rows = x.reshape(-1, x.size(-1))
+    result = F.linear(rows, base.weight, base.bias)
+    out = torch.addmm(result, F.linear(rows, self.lora_A[name].weight),
                       self.lora_B[name].weight.t(), alpha=self.scaling[name])
-    return out.view(result.shape)
+    return out.view(*x.shape[:-1], out.size(-1))
 
 
 def lean_lora_forward(model) -> int:
     """Route the model's LoRA Linear layers through `_lora_linear_forward` (the same outputs:
-    bit for bit in float32 on the built-in model, ~5% of a training step there; under CUDA
-    autocast one addmm rounds once where PEFT rounds three times, so the last bits differ).
+    bit for bit in float32 on the built-in model, gradients to float32 rounding, ~10% of a
+    training step there; under CUDA autocast one addmm rounds once where PEFT rounds three
+    times, so the last bits differ).
     Returns how many. Only our loop's models: the bench's peers keep stock PEFT."""
     import types
 
