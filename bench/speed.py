@@ -12,8 +12,9 @@
       The optimizer is the same implementation on every side (torch's fused AdamW: ours with
       fused=True, theirs optim="adamw_torch_fused"). What differs is how each computes the same
       loss: ours feeds no token after the last loss position and no padding mask for right-padded
-      rows (`trainer.losses.logits_at`, the same outputs), runs LoRA layers through one addmm
-      (`trainer.adapters.lean_lora_forward`, bit-identical outputs here) and lists parameters,
+      rows (`trainer.losses.logits_at`, the same outputs), runs LoRA layers through one addmm on
+      tokens flattened to rows (`trainer.adapters.lean_lora_forward`, bit-identical outputs
+      here, gradients to float32 rounding) and lists parameters,
       collates and reads losses without per-step overhead; the peers run stock PEFT and their own
       loops. The process keeps freed memory for reuse (`trainer.host`) from the start, for all.
   sd_over_sft_time / sd_over_sft_time_full
