@@ -26,12 +26,17 @@ def latest_checkpoint_step(session: Session, job_id: str) -> int:
 
 def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
     """queued -> running for exactly one caller; None when someone else has it (or it ended).
-    A job with a cancel request is never started."""
+    A job with a cancel request is never started: a queued one is ended `cancelled` here, so
+    that no path that leaves a cancelled job queued can leave it there for good."""
     job = transition(session, job_id, JobStatus.RUNNING, leaving=[JobStatus.QUEUED],
                      where=[Job.cancel_requested.is_(False)],
                      values={"worker_id": worker_id, "heartbeat_at": time.time(),
                              "attempts": Job.attempts + 1, "started_at": now(), "progress": None,
                              "claimed_step": latest_checkpoint_step(session, job_id)})
+    if job is None:
+        transition(session, job_id, JobStatus.CANCELLED, leaving=[JobStatus.QUEUED],
+                   where=[Job.cancel_requested.is_(True)],
+                   message="Job cancelled before it started again.")
     session.commit()
     return job
 

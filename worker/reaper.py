@@ -54,10 +54,12 @@ def requeue_stale(settings: Settings) -> None:
                                                  Job.heartbeat_at < cutoff)))
         for job in stale:
             to, values, message, level = _end_of_stale(s, job, settings.max_lost_without_progress)
-            # Guarded on the heartbeat we read: a worker that beat meanwhile keeps its job.
+            # Guarded on what we read: a worker that beat meanwhile keeps its job, and a cancel
+            # asked meanwhile is seen by the next pass (re-queued, it would wait for nothing).
             transition(s, job.id, to, leaving=[JobStatus.RUNNING],
-                       where=[Job.heartbeat_at == job.heartbeat_at], values=values,
-                       message=message, level=level)
+                       where=[Job.heartbeat_at == job.heartbeat_at,
+                              Job.cancel_requested == job.cancel_requested],
+                       values=values, message=message, level=level)
 
 
 def forget_sent_messages(settings: Settings) -> None:

@@ -27,7 +27,7 @@ from api.schemas import (
     metadata_filters,
 )
 from api.tenancy import Scoped, list_body
-from store.jobstate import ACTIVE, JobStatus, add_event, event_values, transition
+from store.jobstate import ACTIVE, FINISHED, JobStatus, add_event, event_values, transition
 from store.models import Checkpoint, Job, JobEvent, StoredFile, by_public_id, new_id, now
 from store.writes import as_written
 from trainer.modelfacts import (
@@ -224,21 +224,27 @@ def get_job(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant):
 def cancel_job(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant, idem: IdempotencyDep):
     def produce() -> JSONResponse:
         Scoped(session, tenant).get(Job, job_id, "fine-tuning job")  # 404 for other tenants
-        # Guarded writes: a job claimed between our read and our write is cancelled as running.
-        job = transition(session, job_id, JobStatus.CANCELLED, leaving=[JobStatus.QUEUED],
-                         values={"cancel_requested": True},
-                         message="Job cancelled before it started.")
-        if job is None:  # running (the worker stops at its next step), or already finished
+        # Guarded writes: a job claimed between our read and our write is cancelled as running,
+        # and one the reaper put back in the queue meanwhile as queued (hence the tries).
+        for _ in range(3):
+            job = transition(session, job_id, JobStatus.CANCELLED, leaving=[JobStatus.QUEUED],
+                             values={"cancel_requested": True},
+                             message="Job cancelled before it started.")
+            if job is not None:
+                return JSONResponse(job_object(job))
+            # running (the worker stops at its next step), or already finished
             flagged = session.execute(
                 update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
                 .values(cancel_requested=True)).rowcount == 1
             job = by_public_id(session, Job, job_id)
             session.refresh(job)
-            if not flagged:
-                raise APIError(409, f"Job '{job_id}' has already {job.status}; only queued or "
-                                    "running jobs can be cancelled.", code="job_finished")
-            add_event(session, job, "Cancellation requested; the job stops at its next step.")
-        return JSONResponse(job_object(job))
+            if flagged:
+                add_event(session, job, "Cancellation requested; the job stops at its next step.")
+                return JSONResponse(job_object(job))
+            if job.status in FINISHED:
+                break
+        raise APIError(409, f"Job '{job_id}' has already {job.status}; only queued or "
+                            "running jobs can be cancelled.", code="job_finished")
 
     return idem.run({"cancel": job_id}, produce)
 

@@ -1,6 +1,8 @@
 """Job creation caps and quotas, guarded cancellation, webhooks on every ending, and filters that
 run in the database."""
 
+import pytest
+
 from store.db import session_scope
 from store.models import Job, JobEvent, WebhookDelivery
 from tests.api.conftest import h, upload
@@ -82,6 +84,36 @@ def test_cancel_cannot_end_a_job_a_worker_claimed_meanwhile(client, alice, setti
     r = client.post(f"/v1/fine_tuning/jobs/{jid}/cancel", headers=h(alice))
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "running" and r.json()["cancel_requested"] is True
+
+
+# PostgreSQL only: on SQLite the cancel's first UPDATE takes the database's write lock, so no
+# reaper can write between its statements.
+@pytest.mark.parametrize("settings", ["postgresql"], indirect=True)
+def test_cancel_ends_a_job_the_reaper_requeued_meanwhile(client, alice, settings, monkeypatch):
+    """The cancel finds the job running (not queued), then the reaper puts it back in the queue
+    before the cancel flags it as running: the job is queued, and the cancel ends it (it used to
+    answer 409 'already queued')."""
+    import api.routes.jobs as jobs_route
+    from worker.lifecycle import claim_job
+
+    fid = upload(client, alice).json()["id"]
+    jid = create_job(client, alice, fid).json()["id"]
+    with session_scope(settings) as s:
+        claim_job(s, jid, "worker-1")
+    real_transition, calls = jobs_route.transition, []
+
+    def transition_then_requeue(*a, **kw):
+        job = real_transition(*a, **kw)
+        calls.append(job)
+        if len(calls) == 1:
+            with session_scope(settings) as s:
+                s.query(Job).filter_by(id=jid).update({"status": "queued", "worker_id": None})
+        return job
+
+    monkeypatch.setattr(jobs_route, "transition", transition_then_requeue)
+    r = client.post(f"/v1/fine_tuning/jobs/{jid}/cancel", headers=h(alice))
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "cancelled" and calls[0] is None
 
 
 def test_cancelling_a_queued_job_sends_its_webhook(client, alice, settings):

@@ -169,11 +169,41 @@ def test_claim_and_finish_happen_once(tmp_path):
         assert [e.message for e in s.query(JobEvent)] == ["done"]
 
 
-def test_a_job_with_a_cancel_request_is_never_claimed(tmp_path):
+def test_a_job_with_a_cancel_request_is_never_claimed_and_ends_cancelled(tmp_path):
     settings = setup(tmp_path)
     job_id = add_job(settings, status="queued", cancel_requested=True)
     with session_scope(settings) as s:
         assert claim_job(s, job_id, "a") is None
+    with session_scope(settings) as s:  # ended, with its webhook, not left queued for good
+        assert s.query(Job).one().status == "cancelled"
+        assert [d.event for d in s.query(WebhookDelivery)] == ["fine_tuning.job.cancelled"]
+
+
+def test_a_cancel_asked_while_the_reaper_decides_is_not_requeued(tmp_path, monkeypatch):
+    """The reaper reads a stale job with no cancel request; the API flags it before the reaper
+    writes. Re-queued with its flag, the job would never be claimed nor ended: the reaper's write
+    must see the flag and leave the job for its next pass, which cancels it."""
+    import worker.reaper as reaper
+
+    settings = setup(tmp_path)
+    job_id = add_job(settings, status="running", heartbeat_at=time.time() - 100, worker_id="w",
+                     attempts=1)
+    decide = reaper._end_of_stale
+
+    def cancel_meanwhile(s, job, max_lost):
+        outcome = decide(s, job, max_lost)
+        with session_scope(settings) as other:
+            other.query(Job).filter_by(id=job_id).update({"cancel_requested": True})
+        return outcome
+
+    monkeypatch.setattr(reaper, "_end_of_stale", cancel_meanwhile)
+    reap_once(settings)
+    with session_scope(settings) as s:
+        assert s.query(Job).one().status == "running"
+    monkeypatch.setattr(reaper, "_end_of_stale", decide)
+    reap_once(settings)
+    with session_scope(settings) as s:
+        assert s.query(Job).one().status == "cancelled"
 
 
 @pytest.mark.parametrize("status", ["queued", "running"])
