@@ -56,7 +56,7 @@ async def create_webhook(body: WebhookCreate, session: SessionDep, tenant: Curre
         row = WebhookEndpoint(tenant_id=tenant.id, url=body.url, secret=secret,
                               events=body.events or ALL_EVENTS)
         session.add(row)
-        session.commit()
+        session.flush()  # its id; `idem.run` commits it with the key's record, or neither
         return JSONResponse(webhook_object(row, secret))
 
     return await run_in_threadpool(idem.run, body.model_dump(), produce)

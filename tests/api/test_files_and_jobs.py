@@ -343,7 +343,7 @@ def test_concurrent_duplicates_make_one_job_and_get_the_same_answer(client, alic
 
 
 def test_stored_webhook_response_keeps_no_secret(client, alice, settings):
-    from store.models import IdempotencyRecord
+    from store.models import IdempotencyRecord, WebhookEndpoint
     hd = h(alice, **{"Idempotency-Key": "wh-1"})
     body = {"url": "https://93.184.215.14/hook"}
     first = client.post("/v1/webhooks", headers=hd, json=body)
@@ -353,6 +353,14 @@ def test_stored_webhook_response_keeps_no_secret(client, alice, settings):
     assert "secret" not in stored and first.json()["secret"] not in str(stored)
     again = client.post("/v1/webhooks", headers=hd, json=body)
     assert again.json()["id"] == first.json()["id"] and "secret" not in again.json()
+    # The key reused for another URL is refused, and neither retry made an endpoint: one
+    # registered, one listed (a second, whose secret nobody saw, would sign every event anew).
+    other = client.post("/v1/webhooks", headers=hd, json={"url": "https://93.184.215.15/h"})
+    assert other.status_code == 422
+    listed = client.get("/v1/webhooks", headers=h(alice)).json()["data"]
+    assert [w["id"] for w in listed] == [first.json()["id"]]
+    with session_scope(settings) as s:
+        assert s.query(WebhookEndpoint).count() == 1
 
 
 def test_models_openapi_and_health(client, alice):
