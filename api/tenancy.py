@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from api.auth import TenantRef
 from api.errors import APIError, not_found
+from store.models import Tenant
 
 T = TypeVar("T")
 
@@ -27,6 +28,14 @@ def _by_id(model) -> Select:
 class Scoped:
     def __init__(self, session: Session, tenant: TenantRef):
         self.session, self.tenant = session, tenant
+
+    def take_turns(self) -> None:
+        """Hold the tenant's row until this transaction ends: writes of one tenant that check a
+        quota then take turns from here to their commit, so two cannot both fit under it. FOR NO
+        KEY UPDATE: inserts of rows referencing the tenant still go on. SQLite has no row locks
+        and skips this (concurrent writers there may overshoot a quota)."""
+        self.session.execute(select(Tenant.id).where(Tenant.id == self.tenant.id)
+                             .with_for_update(key_share=True))
 
     def select(self, model: type[T]) -> Select:
         return select(model).where(model.tenant_id == self.tenant.id)

@@ -29,7 +29,7 @@ from api.schemas import (
 )
 from api.tenancy import Scoped, list_body
 from store.jobstate import ACTIVE
-from store.models import Job, StoredFile, Tenant, new_id
+from store.models import Job, StoredFile, new_id
 from trainer.data import DataFileError, summarize_lines
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -115,11 +115,7 @@ def _store_upload(file: UploadFile, session: Session, tenant, artifacts, setting
         source.seek(0)
         artifacts.write_stream(storage_path, source)
         idem.on_rollback(lambda: artifacts.delete(storage_path))  # no file without its row
-        # Concurrent uploads of one tenant take turns from here to their commit, so two cannot
-        # both fit under the quota (FOR NO KEY UPDATE: inserts of its other rows still go on;
-        # SQLite has no row locks and skips this).
-        session.execute(select(Tenant.id).where(Tenant.id == tenant.id)
-                        .with_for_update(key_share=True))
+        Scoped(session, tenant).take_turns()  # concurrent uploads cannot overshoot the quota
         _check_storage_quota(session, tenant.id, size, settings)
         row = StoredFile(id=file_id, tenant_id=tenant.id, filename=label, purpose=purpose,
                          bytes=size, sha256=digest.hexdigest(), lines=summary.examples,

@@ -168,6 +168,8 @@ def create_job(body: JobCreate, idem: IdempotencyDep):
         model_dir = None if body.model == BUILTIN_MODEL_ID else settings.models.get(body.model)
         _check_tied_embeddings(spec, body.model, model_dir)
         scoped = Scoped(session, tenant)
+        if settings.max_running_jobs:
+            scoped.take_turns()  # concurrent creations cannot overshoot the quota
         found, active = _training_file_and_active_jobs(session, tenant, body.training_file,
                                                        settings.max_running_jobs)
         training = _checked_file(found, body.training_file, "training_file")
@@ -193,7 +195,9 @@ def create_job(body: JobCreate, idem: IdempotencyDep):
         # relay sends its message (worker/relay.py), and the API never talks to the broker.
         return JSONBody(job_object(job))
 
-    return idem.run(body.model_dump(mode="json"), produce, reads_then_inserts=True)
+    # Without a quota to hold, the creation is reads then one atomic INSERT, in autocommit.
+    return idem.run(body.model_dump(mode="json"), produce,
+                    reads_then_inserts=not settings.max_running_jobs)
 
 
 @router.get("/jobs", response_model=ListOf, summary="List fine-tuning jobs",

@@ -38,6 +38,20 @@ def test_running_jobs_quota_is_429_and_counts_only_active_jobs(client, alice, bo
     assert create_job(client, alice, fid).status_code == 200  # a finished job frees a slot
 
 
+# PostgreSQL only: SQLite (the laptop setup) has no row locks, and its concurrent writers may
+# overshoot a quota (as uploads may there, tests/api/test_uploads.py).
+@pytest.mark.parametrize("settings", ["postgresql"], indirect=True)
+def test_concurrent_creations_cannot_overshoot_the_running_jobs_quota(client, alice, settings):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client.app.state.settings.max_running_jobs = 3
+    fid = upload(client, alice).json()["id"]
+    with ThreadPoolExecutor(8) as pool:
+        codes = sorted(pool.map(lambda _: create_job(client, alice, fid).status_code, range(8)))
+    assert codes == [200] * 3 + [429] * 5
+    assert count(settings, Job) == 3
+
+
 def test_the_quota_count_stops_at_the_quota_and_zero_means_no_quota(client, alice, settings):
     """Checking the quota reads at most `max_running_jobs` of the tenant's active jobs, not the
     whole backlog (which every creation used to count); 0 lifts the quota and its query."""
