@@ -6,7 +6,7 @@ import math
 import time
 
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, exists, func, select, update
 
 from api.bulk import on_bulk_threads
 from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
@@ -200,6 +200,16 @@ def create_job(body: JobCreate, idem: IdempotencyDep):
                     reads_then_inserts=not settings.max_running_jobs)
 
 
+def _metadata_is(session, key: str, value: str):
+    """metadata[key] == value, filtered in the query: a JSON lookup (->>) on PostgreSQL; on
+    SQLite through json_each, since a SQLite JSON path cannot name a key holding a double quote
+    (such a filter found nothing there)."""
+    if session.get_bind().dialect.name == "sqlite":
+        pairs = func.json_each(Job.job_metadata).table_valued("key", "value")
+        return exists().where(pairs.c.key == key, pairs.c.value == value)
+    return Job.job_metadata[key].as_string() == value
+
+
 @router.get("/jobs", response_model=ListOf, summary="List fine-tuning jobs",
             dependencies=[Depends(metadata_filters)])
 def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant,
@@ -210,8 +220,7 @@ def list_jobs(request: Request, session: SessionDep, tenant: CurrentTenant,
         query = query.where(Job.status == status)
     for k, v in request.query_params.items():
         if k.startswith("metadata[") and k.endswith("]"):
-            # JSON path lookups: ->> on PostgreSQL, json_extract on SQLite; filtered in the query.
-            query = query.where(Job.job_metadata[k[len("metadata["):-1]].as_string() == v)
+            query = query.where(_metadata_is(session, k[len("metadata["):-1], v))
     rows, more = scoped.page(query, Job, after=after, limit=limit)
     return JSONResponse(list_body([job_object(j) for j in rows], more))
 

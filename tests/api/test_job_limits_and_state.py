@@ -167,6 +167,23 @@ def test_metadata_filter_reads_only_matching_rows(client, alice, settings, monke
     assert fetched == [1]  # the filter ran in the query: one row came back, not seven
 
 
+def test_metadata_filters_take_any_key_a_job_can_carry(client, alice, settings):
+    """Quotes, backslashes, dots and brackets in a key are plain characters: a SQLite JSON path
+    cannot name a key holding a double quote: such a filter found nothing there."""
+    fid = upload(client, alice).json()["id"]
+    keys = ['a"b', "back\\slash", "dotted.key", "$[0]", "naïve ключ"]
+    made = {k: create_job(client, alice, fid, metadata={k: "v" + k}).json()["id"] for k in keys}
+    create_job(client, alice, fid, metadata={"other": "x"})
+    for key in keys:
+        got = client.get("/v1/fine_tuning/jobs", params={f"metadata[{key}]": "v" + key},
+                         headers=h(alice))
+        assert got.status_code == 200, (key, got.text)
+        assert [j["id"] for j in got.json()["data"]] == [made[key]], key
+        none = client.get("/v1/fine_tuning/jobs", params={f"metadata[{key}]": "other"},
+                          headers=h(alice))
+        assert none.status_code == 200 and none.json()["data"] == [], key
+
+
 def test_a_job_creation_never_touches_the_broker(client, alice, settings, monkeypatch):
     """The committed row is the whole of a creation: its message is a worker relay's to send
     (worker/relay.py), so a broker that is down, or answers nothing, costs a creation nothing."""
