@@ -26,16 +26,24 @@ class RunJobTask(Task):
     # Acknowledgement and redelivery policy is the app's (store/queue.py), in one place. The time
     # limit is per job: each message carries one made from the job's steps (the runner stops the
     # job at a checkpoint before it; Celery's hard limit is the backstop for a hung step).
-    max_retries = 0
+    max_retries = None  # only a claim the database never answered retries, for as long as it takes
     ignore_result = True
+
+
+CLAIM_RETRY_S = 30  # after a database outage outlasted the claim's own retries
 
 
 @app.task(name=RUN_JOB, base=RunJobTask, bind=True)
 def run_job_task(self, job_id: str) -> str | None:
     from worker.lifecycle import worker_identity
-    from worker.runner import run_job
+    from worker.runner import ClaimUnavailable, run_job
 
-    status = run_job(settings, job_id, worker_identity())
+    try:
+        status = run_job(settings, job_id, worker_identity())
+    except ClaimUnavailable as e:
+        # A copy of this message goes back to the broker before this one is acknowledged: the
+        # job stays queued with its message recorded as sent, so nothing else would send one.
+        raise self.retry(exc=e, countdown=CLAIM_RETRY_S) from e
     log.info("job %s: %s", job_id, status or "not claimed (duplicate or taken)")
     return status
 

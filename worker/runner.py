@@ -44,6 +44,12 @@ PROGRESS_EVERY_S = 1.0
 CANCEL_POLL_S = 0.5  # the stop flag is read this often, so a cancel lands within a few steps
 
 
+class ClaimUnavailable(Exception):
+    """The database stayed down for the whole claim retry: the job is still queued and its
+    message is the only one, so the task must put a message back (worker/app.py) rather than
+    end, or the job would wait for a worker that never comes."""
+
+
 class JobFailure(Exception):
     """A failure whose message is meant for the client."""
 
@@ -215,7 +221,10 @@ def _load(artifacts: ArtifactStore, session, job: Job, file_id: str):
 
 def run_job(settings: Settings, job_id: str, worker_id: str) -> str | None:
     """Run the job if this worker can claim it; returns its final status (None: not claimed)."""
-    job = with_db_retry(lambda: _claim(settings, job_id, worker_id), "claim")
+    try:
+        job = with_db_retry(lambda: _claim(settings, job_id, worker_id), "claim")
+    except (OperationalError, InterfaceError) as e:
+        raise ClaimUnavailable(job_id) from e
     if job is None:
         return None  # a duplicate message, a cancelled job, or another worker has it
     artifacts = ArtifactStore(settings.artifacts_dir)

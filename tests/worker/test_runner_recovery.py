@@ -64,3 +64,27 @@ def test_a_failure_from_another_library_ends_the_job_with_one_of_our_codes(tmp_p
             shown = job_object(s.query(Job).filter_by(id=job_id).one())
         assert shown["error"]["code"] == code
         FineTuningJob.model_validate(shown)
+
+
+def test_a_claim_the_database_never_answered_puts_the_message_back(monkeypatch):
+    """The job's message is its only one (recorded as sent). A claim that gave up on the
+    database used to fail the task, whose message was then acknowledged: the job stayed queued
+    with no worker coming. Now the task puts a copy back, and the next delivery claims."""
+    from sqlalchemy.exc import OperationalError
+
+    import worker.runner as runner
+    from worker.app import run_job_task
+
+    deliveries = []
+
+    def claim(settings, job_id, worker_id):
+        deliveries.append(job_id)
+        if len(deliveries) == 1:
+            raise OperationalError("UPDATE jobs", {}, ConnectionError("server closed"))
+        return None  # the next delivery finds the job (say) taken meanwhile
+
+    monkeypatch.setattr(runner, "_claim", claim)
+    monkeypatch.setattr(runner, "with_db_retry", lambda fn, what: fn())  # not 600 s of tries
+    result = run_job_task.apply(args=["ftjob-stranded"])  # eager: a retry runs at once
+    assert deliveries == ["ftjob-stranded", "ftjob-stranded"]
+    assert result.successful(), result.traceback
