@@ -50,6 +50,12 @@ class ClaimUnavailable(Exception):
     end, or the job would wait for a worker that never comes."""
 
 
+class JobTaken(Exception):
+    """Another worker owns the job now (this one's heartbeat went stale, say through a database
+    outage, and the reaper requeued it): stop at once and write nothing more to it. A graceful
+    stop would save a checkpoint into the folder the new owner trains in and record it."""
+
+
 class JobFailure(Exception):
     """A failure whose message is meant for the client."""
 
@@ -172,7 +178,10 @@ class _Beat:
 
     def should_stop(self) -> bool:
         """Read by the trainer before every step; looks at the row at most every CANCEL_POLL_S.
-        A database that cannot be read right now does not stop training."""
+        A database that cannot be read right now does not stop training. A job taken by
+        another worker is not stopped but abandoned (`JobTaken`)."""
+        if self.lost:
+            raise JobTaken(self.job_id)
         if self.timed_out:
             self.stop = True
         if not self.stop and time.monotonic() - self._polled >= CANCEL_POLL_S:
@@ -234,6 +243,9 @@ def run_job(settings: Settings, job_id: str, worker_id: str) -> str | None:
     with _Beat(settings, job.id, worker_id, deadline) as beat:
         try:
             return _train(settings, artifacts, job, worker_id, beat)
+        except JobTaken:
+            log.warning("job %s was taken from this worker; leaving it alone", job.id)
+            return "lost"
         except Exception as e:  # noqa: BLE001 - every failure must end the row
             return _fail(settings, job, worker_id, e)
 
@@ -315,6 +327,8 @@ def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: st
             beat.beat()  # progress is visible within a second, not a heartbeat period
 
     def on_checkpoint(info) -> None:
+        if beat.lost:  # not ours to record (nor to prune) any more
+            raise JobTaken(job.id)
         rel = f"{job_dir}/checkpoints/{info.path.name}"
 
         def write():

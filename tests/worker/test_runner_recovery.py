@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from store.artifacts import ArtifactStore
 from store.db import session_scope
 from store.models import Checkpoint, Job
@@ -88,3 +90,59 @@ def test_a_claim_the_database_never_answered_puts_the_message_back(monkeypatch):
     result = run_job_task.apply(args=["ftjob-stranded"])  # eager: a retry runs at once
     assert deliveries == ["ftjob-stranded", "ftjob-stranded"]
     assert result.successful(), result.traceback
+
+
+@pytest.mark.slow
+def test_a_worker_whose_job_was_taken_abandons_it_without_writing_to_it(tmp_path,
+                                                                         builtin_world):
+    """A worker's beats went stale (a database outage, say) and the reaper gave its job to
+    another worker. When it notices, it must leave the job alone. It used to stop the trainer
+    gracefully, which saved a checkpoint into the folder the new owner trains in, recorded it,
+    and logged 'training cancelled' on the new owner's job."""
+    import threading
+    import time
+
+    from store.models import JobEvent, StoredFile, Tenant
+    from trainer.spec import TrainSpec
+    from worker.runner import run_job
+
+    settings = setup(tmp_path, heartbeat_seconds=0.2)
+    artifacts = ArtifactStore(settings.artifacts_dir)
+    data = "\n".join((builtin_world / "train.jsonl").read_text().splitlines()[:64]).encode()
+    spec = TrainSpec.model_validate({
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 400, "batch_size": 32}}},
+        "evaluation": {"max_known_facts": 50}})
+    with session_scope(settings) as s:
+        tenant = s.query(Tenant).one()
+        path = artifacts.file_path(tenant.id, "file-taken")
+        artifacts.write_bytes(path, data)
+        s.add(StoredFile(id="file-taken", tenant_id=tenant.id, filename="t.jsonl",
+                         purpose="fine-tune", bytes=len(data), sha256="-", lines=64,
+                         storage_path=path))
+        job = Job(tenant_id=tenant.id, model="driftsafe-factlm-tiny", training_file="file-taken",
+                  spec=spec.model_dump(mode="json"), status="queued", total_steps=800)
+        s.add(job)
+        s.flush()
+        job_id, job_dir = job.id, artifacts.path(artifacts.job_dir(tenant.id, job.id))
+    ended = {}
+    worker = threading.Thread(target=lambda: ended.update(status=run_job(settings, job_id, "w1")))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # training, not yet at its first checkpoint (step 200)
+        with session_scope(settings) as s:
+            progress = s.query(Job).filter_by(id=job_id).one().progress
+        if progress and progress["step"] >= 3:
+            break
+        time.sleep(0.05)
+    with session_scope(settings) as s:  # the reaper requeued it and w2 claimed it
+        s.query(Job).filter_by(id=job_id).update({"worker_id": "w2", "attempts": 2})
+    worker.join(120)
+    assert ended == {"status": "lost"}
+    with session_scope(settings) as s:
+        row = s.query(Job).filter_by(id=job_id).one()
+        assert (row.status, row.worker_id) == ("running", "w2")
+        assert s.query(Checkpoint).filter_by(job_id=job_id).count() == 0
+        messages = [e.message for e in s.query(JobEvent).filter_by(job_id=job_id)]
+    assert not any("cancelled" in m or "failed" in m.lower() for m in messages), messages
+    assert not list((job_dir / "checkpoints").glob("step-*")), "w1 saved into w2's folder"
