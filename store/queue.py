@@ -25,6 +25,8 @@ WORKER_CONCURRENCY = 1  # one job (one GPU) per worker process
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 SEND_TIMEOUT_S = 2.0  # a relay's send never holds its rows' locks longer than this
 EPOCH_KEY = "driftsafe:broker_epoch"
+RESEND_KEY = "driftsafe:resending"  # held by the one worker re-sending a lost broker's messages
+RESEND_CLAIM_S = 120  # a re-sender that dies on the way frees the claim after this
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +107,12 @@ def enqueue_jobs(app: Celery, jobs: list[tuple[str, float | None]]) -> bool:
 
 class BrokerEpoch:
     """Notices a broker that lost its messages. A random marker is kept in Redis; if it vanishes,
-    Redis restarted without persistence and every queued job's message is gone. The worker that
-    sets the new marker (SET NX) is the one that re-sends, so a restart causes one resend, not one
-    per worker. Other brokers keep their messages (the folder broker) or are not watched."""
+    Redis restarted without persistence and every queued job's message is gone. One worker at a
+    time re-sends: the one holding a short-lived claim (SET NX with an expiry), so a restart
+    causes one resend, not one per worker. The marker goes back only once the re-send is
+    recorded (`resent`): a re-sender that fails on the way gives its claim back (`abandon`), and
+    one that dies loses it when it expires, so the next pass re-sends. Other brokers keep their
+    messages (the folder broker) or are not watched."""
 
     def __init__(self, settings: Settings):
         url = settings.celery_broker_url
@@ -117,21 +122,26 @@ class BrokerEpoch:
 
             self.client = redis.Redis.from_url(url, socket_timeout=SEND_TIMEOUT_S,
                                                socket_connect_timeout=SEND_TIMEOUT_S)
-        self.seen: bytes | None = None
 
     def lost_messages(self) -> bool:
+        """True when the broker lost its messages and this worker is to re-send them."""
         if self.client is None:
             return False
         try:
-            current = self.client.get(EPOCH_KEY)
-            if current is None:
-                fresh = secrets.token_hex(8).encode()
-                if self.client.set(EPOCH_KEY, fresh, nx=True):
-                    self.seen = fresh
-                    return True  # new or emptied broker: whatever was queued is not in it
-                current = self.client.get(EPOCH_KEY)
-            self.seen = current
-            return False
+            if self.client.get(EPOCH_KEY) is not None:
+                return False
+            # new or emptied broker: whatever was queued is not in it
+            return bool(self.client.set(RESEND_KEY, b"1", nx=True, ex=RESEND_CLAIM_S))
         except Exception:  # noqa: BLE001 - a broker that is down now is checked next pass
             log.warning("broker epoch check failed", exc_info=True)
             return False
+
+    def resent(self) -> None:
+        self.client.set(EPOCH_KEY, secrets.token_hex(8).encode())
+        self.client.delete(RESEND_KEY)
+
+    def abandon(self) -> None:
+        try:
+            self.client.delete(RESEND_KEY)
+        except Exception:  # noqa: BLE001 - the claim expires by itself
+            log.warning("could not give back the re-send claim", exc_info=True)

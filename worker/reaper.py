@@ -80,7 +80,12 @@ def reap_once(settings: Settings, epoch: BrokerEpoch | None = None) -> None:
     if epoch is not None and epoch.lost_messages():
         log.warning("the broker lost its messages (restarted without persistence); re-sending "
                     "every queued job")
-        forget_sent_messages(settings)
+        try:
+            forget_sent_messages(settings)
+        except BaseException:
+            epoch.abandon()  # the next pass (here or in another worker) re-sends
+            raise
+        epoch.resent()
     purge_idempotency(settings)
 
 

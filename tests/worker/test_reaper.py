@@ -128,6 +128,8 @@ def test_a_broker_that_lost_its_messages_gets_every_queued_job_again(tmp_path):
     done = add_job(settings, status="succeeded", enqueued_at=time.time() - 60)
 
     class LostEverything:
+        resent = abandon = staticmethod(lambda: None)
+
         def lost_messages(self):
             return True
 
@@ -148,8 +150,39 @@ def test_broker_epoch_notices_a_redis_that_lost_its_messages():
     assert first.lost_messages() is True  # an empty broker: whatever was queued is not in it
     assert second.lost_messages() is False  # one worker re-sends, not every worker
     assert first.lost_messages() is False
+    first.resent()
+    assert second.lost_messages() is False  # the marker is back
+    assert first.lost_messages() is False
     r.flushdb()  # what a restart without persistence looks like
     assert [second.lost_messages(), first.lost_messages()] == [True, False]
+
+
+def test_a_resend_that_failed_on_the_way_is_done_by_the_next_pass(tmp_path, monkeypatch):
+    """The worker that noticed the lost broker could not mark the queued jobs for re-sending
+    (the database was down): it used to have set the marker anyway, so no worker ever
+    re-sent, and the queued jobs waited for messages that were gone."""
+    import redis
+    from sqlalchemy.exc import OperationalError
+
+    import worker.reaper as reaper
+
+    url = "redis://127.0.0.1:6379/11"
+    redis.Redis.from_url(url).flushdb()
+    settings = setup(tmp_path, broker_url=url)
+    job_id = add_job(settings, status="queued", enqueued_at=time.time() - 60)
+    first, second = BrokerEpoch(settings), BrokerEpoch(settings)
+
+    def database_down(_settings):
+        raise OperationalError("UPDATE jobs", {}, ConnectionError("server closed"))
+
+    with monkeypatch.context() as m:
+        m.setattr(reaper, "forget_sent_messages", database_down)
+        with pytest.raises(OperationalError):
+            reap_once(settings, first)
+    reap_once(settings, second)
+    with session_scope(settings) as s:
+        assert s.query(Job).filter_by(id=job_id).one().enqueued_at is None  # to be re-sent
+    assert first.lost_messages() is False and second.lost_messages() is False
 
 
 def test_claim_and_finish_happen_once(tmp_path):
