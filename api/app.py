@@ -11,6 +11,8 @@ from fastapi import FastAPI
 
 from api import errors, openapi
 from api.auth import KeyCache, RateLimiter
+from api.deps import authenticated
+from api.errors import APIError
 from api.routes import files, health, jobs, models
 from store.artifacts import ArtifactStore
 from store.db import session_factory
@@ -73,6 +75,14 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > limit:
             return await _reject(send, 413, error)
         if upload:
+            # The key first: FastAPI parses a form (spooling it to disk) before it resolves the
+            # route's dependencies, so an upload without a valid key was read whole before its
+            # 401. The key cache answers the route's own check after this one.
+            try:
+                await authenticated(scope["app"].state, _header(scope, b"authorization"))
+            except APIError as e:
+                return await _reject(send, e.status, {"message": e.message, "type": e.type,
+                                                      "code": e.code})
             return await self._streamed(scope, receive, send, limit, error)
         return await self._buffered(scope, receive, send, limit, error)
 
@@ -130,6 +140,13 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+def _header(scope, name: bytes) -> str:
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return value.decode("latin-1")
+    return ""
 
 
 async def _reject(send, status: int, error: dict) -> None:

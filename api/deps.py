@@ -46,13 +46,13 @@ SessionDep = Annotated[Session, Depends(get_session)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 
 
-async def get_tenant(request: Request) -> TenantRef:
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
+async def authenticated(state, authorization: str) -> TenantRef:
+    """The tenant whose key an Authorization header carries (the key cache, else one query on a
+    thread), or a 401."""
+    scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
                        type="authentication_error", code="missing_api_key")
-    state = request.app.state
     digest = state.keys.digest(key.strip())
     hit, tenant = state.keys.cached(digest)
     if not hit:
@@ -60,6 +60,12 @@ async def get_tenant(request: Request) -> TenantRef:
     if tenant is None:
         raise APIError(401, "Incorrect or revoked API key.", type="authentication_error",
                        code="invalid_api_key")
+    return tenant
+
+
+async def get_tenant(request: Request) -> TenantRef:
+    state = request.app.state
+    tenant = await authenticated(state, request.headers.get("authorization", ""))
     wait = state.rate_limiter.retry_after(tenant.id)
     if wait:
         raise APIError(429, f"Rate limit of {state.settings.rate_limit_per_minute} requests per "

@@ -319,10 +319,10 @@ def test_upload_over_the_storage_quota_is_429_and_stores_nothing(settings):
         assert upload(c, carol, **{"Idempotency-Key": "third"}).status_code == 200
 
 
+# PostgreSQL only: SQLite (the laptop setup) has no row locks, and concurrent uploads of one
+# tenant may overshoot the quota there.
+@pytest.mark.parametrize("settings", ["postgresql"], indirect=True)
 def test_concurrent_uploads_cannot_both_pass_the_quota(settings):
-    if settings.database_url is None:
-        pytest.skip("SQLite (the laptop setup) has no row locks: concurrent uploads of one "
-                    "tenant may overshoot the quota there")
     one = len(jsonl(QA_LINES))
     with app_with(settings, max_storage_bytes=3 * one) as (c, s):
         carol = make_tenant(s, "carol")
@@ -465,3 +465,27 @@ def test_slow_downloads_run_on_bulk_threads(settings, monkeypatch, path, module,
         finally:
             release.set()
         assert slow.result(timeout=60).status_code in (200, 404)  # 404: no checkpoint yet
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer sk-not-a-key", "Basic abc"])
+def test_an_upload_without_a_valid_key_is_401_before_its_body_is_read(client, alice, settings,
+                                                                     authorization):
+    """FastAPI parses a form (spooling it to disk) before the route's dependencies check the
+    key: an unauthenticated client could make the API read and store 512 MB per request."""
+    pulled = []
+
+    def body():
+        boundary = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t.jsonl\""
+        yield boundary + b"\r\n\r\n"
+        for _ in range(64):
+            pulled.append(1)
+            yield jsonl(QA_LINES) * 50
+        yield b"\r\n--b--\r\n"
+
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    if authorization:
+        headers["Authorization"] = authorization
+    r = client.post("/v1/files", headers=headers, content=body())
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert len(pulled) <= 1, f"{len(pulled)} of 64 chunks read before the 401"
+    assert stored(settings) == (0, [])
