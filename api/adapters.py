@@ -6,10 +6,10 @@ import json
 import zipfile
 from pathlib import Path
 
-from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
 from api.errors import APIError
+from api.responses import Download
 from api.schemas import checkpoint_object, job_object
 from api.tenancy import Scoped
 from store.artifacts import ArtifactStore
@@ -45,7 +45,7 @@ def _build_zip(folder: Path, report: dict, target: Path) -> None:
         zf.writestr("driftsafe.json", json.dumps(report, indent=1, default=str))
 
 
-def adapter_response(artifacts: ArtifactStore, job: Job, ckpt: Checkpoint) -> FileResponse:
+def adapter_response(artifacts: ArtifactStore, job: Job, ckpt: Checkpoint) -> Download:
     """The checkpoint's adapter zip, made on its first download and kept with the checkpoint (it
     goes when the checkpoint's directory does); later downloads stream the same file."""
     checkpoint_dir = artifacts.path(ckpt.storage_path)
@@ -68,5 +68,5 @@ def adapter_response(artifacts: ArtifactStore, job: Job, ckpt: Checkpoint) -> Fi
             report["prompt_format"] = json.loads(fmt.read_text())
         with artifacts.replacing(f"{ckpt.storage_path}/{ZIP_NAME}") as tmp:
             _build_zip(folder, report, tmp)  # renamed into place whole: no half zip is served
-    return FileResponse(target, media_type="application/zip",
-                        filename=f"{job.id}-step{ckpt.step_number}.zip")
+    return Download(target, media_type="application/zip",
+                    filename=f"{job.id}-step{ckpt.step_number}.zip")

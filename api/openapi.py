@@ -7,10 +7,10 @@ bearer key, limits rates, and takes an Idempotency-Key on POSTs. `install(app)` 
 `app.openapi()` add to FastAPI's document what each route's parameters and dependencies make
 possible, so a route added later is described without anyone remembering to:
 
-    400  it takes parameters, a body or an Idempotency-Key (validation, checks in the route)
+    400  every operation (validation, checks in the route; any body nested too deep)
     401  it needs the caller's key (depends on get_tenant)
     404  it names an object in its path (another tenant's objects are 404 too)
-    413  it takes a body (over max_json_body_bytes, or the upload limit)
+    413  every operation (any body over max_json_body_bytes, or over the upload limit)
     415  it takes a body (sent as another media type than the one it reads)
     422  it takes an Idempotency-Key (the key was used with another request)
     429  it needs the caller's key (rate limit, job and storage quotas; Retry-After)
@@ -136,16 +136,16 @@ def _complete_operation(route, operation: dict[str, Any]) -> None:
     if _is_fastapi_validation_error(responses.get("422")):
         del responses["422"]
 
-    statuses = {500, 503}
-    if any(params.values()) or has_body or idempotent:
-        statuses.add(400)
+    # Every route: the body limiter (api.app.BodyLimit) reads any request's body, so whatever
+    # the route does with it, one too large is 413 and one nested too deep is 400.
+    statuses = {400, 413, 500, 503}
     if authenticated:
         statuses |= {401, 429}
         operation["security"] = [{BEARER: []}]
     if params["path_params"]:
         statuses.add(404)
     if has_body:
-        statuses |= {413, 415}
+        statuses.add(415)
     extra = [p for d in _walk(route.dependant) for p in getattr(d.call, "openapi_parameters", ())]
     if idempotent:
         statuses.add(422)
@@ -154,7 +154,6 @@ def _complete_operation(route, operation: dict[str, Any]) -> None:
     for parameter in extra:  # read from the request by a dependency, unseen by FastAPI
         if not any(p.get("name") == parameter["name"] for p in declared):
             operation["parameters"] = declared = [*declared, dict(parameter)]
-            statuses.add(400)
     statuses |= {int(code) for code in responses if code.isdigit() and int(code) >= 400}
 
     for status in sorted(statuses):

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from fastapi import APIRouter, Form, UploadFile
-from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -16,7 +15,7 @@ from api.bulk import on_bulk_threads
 from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep
-from api.responses import JSONResponse
+from api.responses import Download, JSONResponse, download_responses
 from api.schemas import (
     DeletedObject,
     FileObject,
@@ -145,7 +144,7 @@ def get_file(file_id: ObjectId, session: SessionDep, tenant: CurrentTenant):
 
 
 @router.get("/{file_id}/content", summary="The file's bytes",
-            responses={200: {"content": {"application/jsonl": {"schema": {"type": "string"}}}}})
+            responses=download_responses("application/jsonl"))
 def file_content(file_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
                  artifacts: ArtifactsDep):
     row = Scoped(session, tenant).get(StoredFile, file_id, "file")
@@ -153,7 +152,7 @@ def file_content(file_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
     if not path.is_file():
         raise APIError(404, f"The content of file '{file_id}' is missing from storage.",
                        param="file_id", code="file_content_missing")
-    return FileResponse(path, media_type="application/jsonl")  # streamed in chunks
+    return Download(path, media_type="application/jsonl")  # streamed in chunks
 
 
 @router.delete("/{file_id}", response_model=DeletedObject, summary="Delete a file",

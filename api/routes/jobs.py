@@ -13,7 +13,7 @@ from api.deps import ArtifactsDep, CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
 from api.idempotency import IdempotencyDep, JSONBody
 from api.models_registry import BUILTIN_MODEL_ID, known_model_ids
-from api.responses import JSONResponse
+from api.responses import JSONResponse, download_responses
 from api.schemas import (
     FineTuningJob,
     JobCreate,
@@ -284,7 +284,7 @@ def list_checkpoints(job_id: ObjectId, session: SessionDep, tenant: CurrentTenan
 
 
 @router.get("/jobs/{job_id}/adapter", summary="Download the job's adapter (zip)",
-            responses={200: {"content": {"application/zip": {"schema": {"type": "string"}}}},
+            responses={**download_responses("application/zip"),
                        404: {"description": "No such job, no adapter yet, or (select=drift_safe) "
                                             "no checkpoint within the forgetting budget"}})
 async def job_adapter(job_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
@@ -307,7 +307,7 @@ def _job_adapter(job_id: str, session, tenant, artifacts, select: str):
 
 
 @router.get("/checkpoints/{checkpoint_id}/adapter", summary="Download a checkpoint's adapter",
-            responses={200: {"content": {"application/zip": {"schema": {"type": "string"}}}}})
+            responses=download_responses("application/zip"))
 async def checkpoint_adapter(checkpoint_id: ObjectId, session: SessionDep,
                              tenant: CurrentTenant, artifacts: ArtifactsDep,
                              settings: SettingsDep):

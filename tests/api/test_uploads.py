@@ -489,3 +489,39 @@ def test_an_upload_without_a_valid_key_is_401_before_its_body_is_read(client, al
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert len(pulled) <= 1, f"{len(pulled)} of 64 chunks read before the 401"
     assert stored(settings) == (0, [])
+
+
+def test_downloads_serve_byte_ranges_and_answer_bad_ones_as_declared(client, alice, settings):
+    """A Range request gets its bytes (206: an adapter download can resume), a range past the
+    end 416 in the envelope, and a Range header that does not parse is ignored (the whole file):
+    Starlette answered that with a plain-text 400 the document did not describe."""
+    data = qa_file(200)
+    fid = upload(client, alice, data).json()["id"]
+    url = f"/v1/files/{fid}/content"
+    part = client.get(url, headers=h(alice, Range="bytes=10-19"))
+    assert part.status_code == 206 and part.content == data[10:20]
+    assert part.headers["content-range"] == f"bytes 10-19/{len(data)}"
+    past = client.get(url, headers=h(alice, Range=f"bytes={len(data) + 5}-"))
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(data)}"
+    assert past.json()["error"]["code"] == "range_not_satisfiable"
+    for odd in ("items=0-1", "bytes", "bytes=5-2", "bytes=x-y"):
+        whole = client.get(url, headers=h(alice, Range=odd))
+        assert whole.status_code == 200 and whole.content == data, odd
+    jid, _ = fake_checkpoint(client, alice, settings)
+    zipped = client.get(f"/v1/fine_tuning/jobs/{jid}/adapter", headers=h(alice)).content
+    tail = client.get(f"/v1/fine_tuning/jobs/{jid}/adapter", headers=h(alice, Range="bytes=-100"))
+    assert tail.status_code == 206 and tail.content == zipped[-100:]
+
+
+def test_a_body_sent_to_a_route_that_takes_none_is_still_bounded(client, alice):
+    """The body limiter reads every request's body: on a route without one, too large is 413
+    and nested too deep is 400, both in the envelope and both in the OpenAPI document."""
+    fid = upload(client, alice).json()["id"]
+    doc = client.get("/openapi.json").json()
+    declared = doc["paths"]["/v1/files/{file_id}"]["delete"]["responses"]
+    big = client.request("DELETE", f"/v1/files/{fid}", headers=h(alice), content=b"x" * 2**21)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    deep = client.request("GET", "/v1/models", headers=h(alice), content=b"[" * 40 + b"]" * 40)
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"
+    assert {"400", "413"} <= set(declared)
+    assert {"400", "413"} <= set(doc["paths"]["/v1/models"]["get"]["responses"])
