@@ -37,8 +37,7 @@ def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
         transition(session, job_id, JobStatus.CANCELLED, leaving=[JobStatus.QUEUED],
                    where=[Job.cancel_requested.is_(True)],
                    message="Job cancelled before it started again.")
-    session.commit()
-    return job
+    return job  # committed by the caller, with whatever it records of the start
 
 
 def heartbeat(session: Session, job_id: str, worker_id: str,

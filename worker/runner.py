@@ -251,12 +251,12 @@ def run_job(settings: Settings, job_id: str, worker_id: str) -> str | None:
 
 
 def _claim(settings: Settings, job_id: str, worker_id: str) -> Job | None:
-    """Claim the job (queued -> running) and record its start. Retried by the caller on a
-    database error: the message that woke this worker is the job's only one (its send is
-    recorded), so a claim that raised left the job queued with no worker coming for it. Seen
-    on a slow machine: SQLite's 'database is locked' after its 30 s wait. A retry after the
-    claim committed but its event did not finds the job taken and returns None; the reaper then
-    requeues it from its stale heartbeat."""
+    """Claim the job (queued -> running) and record its start, in one transaction. Retried by
+    the caller on a database error: the message that woke this worker is the job's only one
+    (its send is recorded), so a claim that raised left the job queued with no worker coming
+    for it. Seen on a slow machine: SQLite's 'database is locked' after its 30 s wait. (The
+    claim once committed before its event: a retry after a failed event found the job taken by
+    itself, left it, and the reaper counted a lost worker.)"""
     with session_scope(settings) as s:
         job = claim_job(s, job_id, worker_id)
         if job is not None:

@@ -67,3 +67,34 @@ def test_a_claim_the_database_refuses_is_retried_not_dropped(monkeypatch, tmp_pa
         assert (row.status, row.worker_id, row.attempts) == ("running", "w1", 1)
         assert s.query(JobEvent).filter_by(job_id=job_id).count() == 1
     assert runner._claim(settings, job_id, "w2") is None  # claimed once, by one worker
+
+
+def test_a_start_event_the_database_refused_does_not_leave_the_claim_behind(monkeypatch,
+                                                                           tmp_path):
+    """The claim and its 'started' event commit together: the claim used to commit first, so
+    a retry after a failed event found the job already taken (by this worker), returned None,
+    and the job sat 'running' with no one training it until the reaper counted a lost worker
+    (three such blips failed the job)."""
+    from store.db import session_scope
+    from store.models import JobEvent
+    from tests.worker.test_reaper import add_job, setup
+
+    monkeypatch.setattr(runner.time, "sleep", lambda _s: None)
+    settings = setup(tmp_path)
+    job_id = add_job(settings, status="queued")
+    real, calls = runner.add_event, []
+
+    def refused_once(session, *args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("INSERT INTO job_events", {}, Exception("connection reset"))
+        return real(session, *args, **kw)
+
+    monkeypatch.setattr(runner, "add_event", refused_once)
+    job = runner.with_db_retry(lambda: runner._claim(settings, job_id, "w1"), "claim")
+    assert job is not None and len(calls) == 2
+    with session_scope(settings) as s:
+        row = s.query(runner.Job).filter_by(id=job_id).one()
+        assert (row.status, row.worker_id, row.attempts, row.lost_without_progress) == (
+            "running", "w1", 1, 0)
+        assert s.query(JobEvent).filter_by(job_id=job_id).count() == 1
