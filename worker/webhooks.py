@@ -29,6 +29,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -45,13 +46,20 @@ BATCH = 20
 LEASE_MARGIN_S = 30.0  # on top of the deadline: time to record the outcome after sending
 log = logging.getLogger(__name__)
 # Lookups run here, not in asyncio's default pool: asyncio.run() waits for that pool on exit, so a
-# lookup stuck past the deadline would hold the whole pass.
-_LOOKUPS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="driftsafe-webhook-dns")
+# lookup stuck past the deadline would hold the whole pass. Such a lookup still holds its thread
+# until the resolver gives up (10-30 s), so each tenant holds at most LOOKUPS_PER_TENANT of them:
+# one tenant's unresolvable names cannot take every tenant's deliveries (as at registration,
+# api/routes/webhooks.py).
+_LOOKUPS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="driftsafe-webhook-dns")
+LOOKUPS_PER_TENANT = 2
+_lookups_held: Counter[str] = Counter()  # tenant id -> lookups holding a thread
+_lookups_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
 class Claimed:
     id: int
+    tenant_id: str
     event: str
     payload: dict
     attempts: int  # including this one
@@ -83,13 +91,14 @@ def claim_due(settings: Settings, limit: int = BATCH) -> list[Claimed]:
     with session_scope(settings) as s:
         rows = s.execute(update(D).where(D.id.in_(due.scalar_subquery()))
                          .values(next_attempt_at=lease, attempts=D.attempts + 1)
-                         .returning(D.id, D.endpoint_id, D.event, D.payload, D.attempts)
+                         .returning(D.id, D.tenant_id, D.endpoint_id, D.event, D.payload,
+                                    D.attempts)
                          .execution_options(synchronize_session=False)).all()
         endpoints = {e.id: e for e in s.execute(
             select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.secret)
             .where(WebhookEndpoint.id.in_({r.endpoint_id for r in rows})))}
-    return [Claimed(r.id, r.event, r.payload, r.attempts, lease, endpoints[r.endpoint_id].url,
-                    endpoints[r.endpoint_id].secret) for r in rows]
+    return [Claimed(r.id, r.tenant_id, r.event, r.payload, r.attempts, lease,
+                    endpoints[r.endpoint_id].url, endpoints[r.endpoint_id].secret) for r in rows]
 
 
 def pinned_request(target: Target) -> tuple[httpx.URL, dict, dict]:
@@ -106,9 +115,34 @@ def pinned_request(target: Target) -> tuple[httpx.URL, dict, dict]:
     return url, headers, extensions
 
 
+def _take_lookup(tenant_id: str) -> bool:
+    with _lookups_lock:
+        if _lookups_held[tenant_id] >= LOOKUPS_PER_TENANT:
+            return False
+        _lookups_held[tenant_id] += 1
+        return True
+
+
+def _give_lookup(tenant_id: str) -> None:
+    with _lookups_lock:
+        _lookups_held[tenant_id] -= 1
+        if not _lookups_held[tenant_id]:
+            del _lookups_held[tenant_id]
+
+
+async def _lookup(item: Claimed, allow_private: bool) -> Target:
+    """`resolve` on the lookup threads once the tenant has a lookup to spare; the wait counts
+    against the delivery's deadline."""
+    while not _take_lookup(item.tenant_id):
+        await asyncio.sleep(0.05)
+    lookup = _LOOKUPS.submit(resolve, item.url, allow_private)
+    # Given back when the thread is done (or the lookup never started), not at the deadline.
+    lookup.add_done_callback(lambda _: _give_lookup(item.tenant_id))
+    return await asyncio.wrap_future(lookup)
+
+
 async def _post(client: httpx.AsyncClient, item: Claimed, allow_private: bool) -> tuple[bool, str]:
-    loop = asyncio.get_running_loop()
-    target = await loop.run_in_executor(_LOOKUPS, resolve, item.url, allow_private)
+    target = await _lookup(item, allow_private)
     url, headers, extensions = pinned_request(target)
     body = json.dumps(item.payload, separators=(",", ":")).encode()
     ts = int(time.time())

@@ -86,10 +86,12 @@ def drop_database(settings: Settings) -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def add_deliveries(settings: Settings, urls: list[str]) -> list[int]:
-    """One endpoint and one due delivery per URL; returns the delivery ids in order."""
+def add_deliveries(settings: Settings, urls: list[str], tenant: str | None = None) -> list[int]:
+    """One endpoint and one due delivery per URL (of the first tenant, or of the one named);
+    returns the delivery ids in order."""
     with session_scope(settings) as s:
-        tenant = s.scalar(select(Tenant)) or Tenant(name="t")
+        named = select(Tenant) if tenant is None else select(Tenant).where(Tenant.name == tenant)
+        tenant = s.scalar(named) or Tenant(name=tenant or "t")
         s.add(tenant)
         s.flush()
         deliveries = []
@@ -425,6 +427,29 @@ def test_each_delivery_has_a_wall_clock_deadline_and_the_body_is_never_read(tmp_
         assert rows[name].delivered_at is None and not rows[name].gave_up
         assert "deadline" in rows[name].last_error, rows[name].last_error
     assert DEADLINE * 0.9 < took < DEADLINE + 1.0
+
+
+def test_one_tenant_s_unresolvable_hosts_do_not_hold_up_another_s_deliveries(tmp_path, dns):
+    """A lookup stuck past its deadline holds its thread until the resolver gives up. Tenant
+    A's endpoints all name hosts that never answer; tenant B's deliveries must still go out in
+    the same pass (they waited behind A's lookups on the worker's four lookup threads)."""
+    settings = make_settings(tmp_path, webhook_allow_private=True,
+                             webhook_deadline_seconds=DEADLINE)
+    answer = threading.Event()
+    dns.answers["stuck.example"] = lambda: (answer.wait(30), ["93.184.216.34"])[1]
+    try:
+        with receiver() as good:
+            stuck = add_deliveries(settings, ["http://stuck.example/h"] * 8, tenant="a")
+            fine = add_deliveries(settings, [f"http://127.0.0.1:{good.server_port}/h"] * 3,
+                                  tenant="b")
+            send_due(settings)
+        rows = delivery_rows(settings)
+        assert all(rows[i].delivered_at is not None for i in fine), [
+            rows[i].last_error for i in fine]
+        assert all(rows[i].delivered_at is None for i in stuck)
+        assert dns.lookups["stuck.example"] <= 2  # A held two lookup threads, not all of them
+    finally:
+        answer.set()
 
 
 def test_a_hanging_webhook_does_not_delay_requeueing(tmp_path):
