@@ -160,6 +160,10 @@ def file_content(file_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
 def delete_file(file_id: ObjectId, session: SessionDep, tenant: CurrentTenant,
                 artifacts: ArtifactsDep):
     scoped = Scoped(session, tenant)
+    # In turn with the tenant's job creations (which take turns under a quota, the default): a
+    # job created meanwhile is either seen here (409) or finds the file gone (400), never queued
+    # on a deleted file.
+    scoped.take_turns()
     row = scoped.get(StoredFile, file_id, "file")
     user = session.scalar(scoped.select(Job).where(Job.status.in_(ACTIVE)).where(
         (Job.training_file == file_id) | (Job.validation_file == file_id)

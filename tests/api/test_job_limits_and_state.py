@@ -257,3 +257,34 @@ def test_the_pool_keeps_a_connection_for_every_thread_that_holds_one():
 
     settings = Settings()
     assert settings.db_pool_size >= settings.request_threads + settings.bulk_threads
+
+
+@pytest.mark.parametrize("settings", ["postgresql"], indirect=True)
+def test_a_file_deleted_while_a_job_is_created_on_it_never_leaves_the_job_without_it(
+        client, alice, settings, monkeypatch):
+    """The delete arrives after the creation read the file and before it wrote the job. Either
+    the delete waits and then sees the job (409), or the creation fails on the missing file:
+    the job used to be queued on a deleted file and failed in the worker."""
+    import threading
+
+    import api.routes.jobs as jobs_route
+
+    fid = upload(client, alice).json()["id"]
+    real, deleted = jobs_route._checked_file, {}
+
+    def delete_meanwhile(*a, **kw):
+        found = real(*a, **kw)
+        worker = threading.Thread(target=lambda: deleted.update(r=client.delete(
+            f"/v1/files/{fid}", headers=h(alice))))
+        worker.start()
+        worker.join(1.0)  # done at once unless it waits for this creation to commit
+        deleted["waited"] = worker.is_alive()
+        deleted["thread"] = worker
+        return found
+
+    monkeypatch.setattr(jobs_route, "_checked_file", delete_meanwhile)
+    created = create_job(client, alice, fid)
+    deleted["thread"].join(10)
+    assert deleted["waited"], "the delete did not wait for the creation"
+    assert created.status_code == 200 and deleted["r"].status_code == 409
+    assert deleted["r"].json()["error"]["code"] == "file_in_use"
