@@ -436,11 +436,12 @@ class _Run:
 
     def run(self) -> TrainResult:
         step, tokens = self._restore() if self.resume_from else (0, 0)
+        self.first_step = step
         if self.teacher is not None and self.teacher_cache is None and step < self.total_steps:
             self._cache_teacher()
         checkpoints: list[CheckpointInfo] = []
         losses: list[torch.Tensor] = []  # each step's loss, read as numbers once, at the end
-        started, first_step = time.monotonic(), step
+        started = time.monotonic()
         self.cb.on_event("info", f"training {self.spec.method.type} ({self.spec.adapter.type}) for "
                                  f"{self.total_steps} steps on {len(self.encoded)} examples")
         self.model.train()
@@ -456,7 +457,7 @@ class _Run:
             losses.append(parts["train_loss"])
             if step % self.job.log_every_n_steps == 0 or step == self.total_steps:
                 elapsed = time.monotonic() - started
-                remaining = elapsed / (step - first_step) * (self.total_steps - step)
+                remaining = elapsed / (step - self.first_step) * (self.total_steps - step)
                 self.cb.on_metrics({"step": step, "total_steps": self.total_steps,
                                     "epoch": step / self.steps_per_epoch,
                                     "learning_rate": self.scheduler.get_last_lr()[0],
@@ -489,8 +490,11 @@ class _Run:
         final_dir = None
         if self.job.save_checkpoints:
             if cancelled:
-                # Keep what was learned: the last completed step becomes a checkpoint.
-                if step > 0 and (not checkpoints or checkpoints[-1].step != step):
+                # Keep what was learned: the last completed step becomes a checkpoint. A run
+                # that learned nothing (cancelled before its first step, say right after a
+                # resume) saves none: re-saving the step it resumed from would replace that
+                # checkpoint's scores with none.
+                if step > self.first_step and (not checkpoints or checkpoints[-1].step != step):
                     checkpoints.append(self._checkpoint(step, {}, tokens))
             else:
                 checkpoints.append(self._checkpoint(step, report or {}, tokens))

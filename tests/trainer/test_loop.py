@@ -174,3 +174,29 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(builtin_world, built
     a = load_file(whole.final_dir / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed.final_dir / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_run_cancelled_before_its_first_step_leaves_its_checkpoint_alone(
+        builtin_world, builtin_examples, tmp_path):
+    """A job resumed on a new worker and cancelled while that worker was still loading: the run
+    learned nothing, and re-saving the step it resumed from replaced that checkpoint's scores
+    (and its drift-safe flag) with none."""
+    s = spec(epochs=2, batch=16).model_copy(update={"checkpoint_every_n_steps": 2})
+    calls = {"n": 0}
+
+    def stop_after_two():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    first = train(job(builtin_world, builtin_examples, tmp_path, s, slick=None),
+                  Callbacks(should_stop=stop_after_two))
+    (kept,) = first.checkpoints
+    assert kept.step == 2 and kept.metrics
+    state = kept.path / "trainer_state.json"
+    before = state.read_bytes()
+    recorded = []
+    again = train(job(builtin_world, builtin_examples, tmp_path, s, slick=None),
+                  Callbacks(should_stop=lambda: True, on_checkpoint=recorded.append))
+    assert again.status == "cancelled" and again.step == 2
+    assert again.checkpoints == [] and recorded == []
+    assert state.read_bytes() == before
