@@ -42,3 +42,32 @@ def test_no_plain_index_is_the_prefix_of_another(settings):  # noqa: F811
             if any(k != own and k[:len(own)] == own for k in keys):
                 redundant.append((table, index["name"]))
     assert redundant == []
+
+
+def test_downgrade_and_upgrade_keep_every_row(settings):  # noqa: F811
+    """On SQLite a batch migration rebuilds a table by copying it, dropping it and renaming the
+    copy; with foreign keys on, the drop deleted the jobs' rows first, and the cascade emptied
+    job_events and checkpoints (0003's downgrade)."""
+    from alembic import command
+
+    from store.db import alembic_config, session_scope
+    from store.models import Checkpoint, Job, JobEvent, Tenant
+
+    migrate(settings)
+    with session_scope(settings) as s:
+        tenant = Tenant(name="t")
+        s.add(tenant)
+        s.flush()
+        job = Job(tenant_id=tenant.id, model="m", training_file="f", status="succeeded",
+                  spec={"method": {"type": "supervised"}})
+        s.add(job)
+        s.flush()
+        s.add(JobEvent(tenant_id=tenant.id, job_id=job.id, message="m"))
+        s.add(Checkpoint(tenant_id=tenant.id, job_id=job.id, step_number=1, storage_path="x"))
+    session_factory(settings).kw["bind"].dispose()
+    config = alembic_config(settings.sqlalchemy_url)
+    command.downgrade(config, "0002")
+    command.upgrade(config, "head")
+    with session_scope(settings) as s:
+        counts = [s.query(m).count() for m in (Job, JobEvent, Checkpoint)]
+    assert counts == [1, 1, 1]
