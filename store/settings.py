@@ -10,7 +10,7 @@ import secrets
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -89,6 +89,18 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _stale_outlasts_beats(self) -> Settings:
+        # A live worker beats every heartbeat_seconds; were its beats declared stale sooner, the
+        # reaper would requeue every running job between two beats, and each would fail after
+        # max_lost_without_progress such "losses".
+        if self.stale_after_seconds < 3 * self.heartbeat_seconds:
+            raise ValueError(
+                f"stale_after_seconds ({self.stale_after_seconds:g}) must be at least three "
+                f"heartbeats (3 x heartbeat_seconds = {3 * self.heartbeat_seconds:g}): a worker "
+                "that missed one beat is not dead")
+        return self
 
     @property
     def sqlalchemy_url(self) -> str:
