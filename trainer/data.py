@@ -10,11 +10,24 @@ Parsing never touches torch, so the API validates uploads with the same code the
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_ERRORS = 10
+# One example's size. Far past any model's context, and bounded because the API validates and a
+# worker tokenizes one example at a time: a file with no newline in 512 MB was read as one line,
+# several times its size in memory, and each learned turn re-renders the conversation so far.
+MAX_LINE_BYTES = 4 * 1024 * 1024
+MAX_MESSAGES = 256
+
+
+class _TooLong:
+    """Stands for a line over MAX_LINE_BYTES, whose bytes were not kept (`bounded_lines`)."""
+
+
+TOO_LONG = _TooLong()
 
 
 class DataFileError(ValueError):
@@ -58,6 +71,8 @@ def _parse_messages(obj: dict) -> tuple[tuple[dict, ...], tuple[int, ...]]:
     msgs = obj["messages"]
     if not isinstance(msgs, list) or not msgs:
         raise ValueError("'messages' must be a non-empty list")
+    if len(msgs) > MAX_MESSAGES:
+        raise ValueError(f"{len(msgs)} messages; an example holds at most {MAX_MESSAGES}")
     out, weights = [], []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
@@ -165,6 +180,12 @@ def iter_examples(lines: Iterable[str | bytes]) -> Iterator[Example]:
     problems: list[tuple[int, str]] = []
     bad = good = 0
     for n, raw in enumerate(lines, start=1):
+        if raw is TOO_LONG or len(raw) > MAX_LINE_BYTES + 2:  # + "\r\n"
+            bad += 1
+            if len(problems) < MAX_REPORTED_ERRORS:
+                problems.append((n, f"longer than {MAX_LINE_BYTES} bytes, the limit of one "
+                                    "example"))
+            continue
         if isinstance(raw, bytes):
             if n == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
@@ -221,9 +242,30 @@ def parse_bytes(data: bytes) -> list[Example]:
     return parse_lines(split_lines(data))
 
 
+def bounded_lines(source: BinaryIO, on_bytes: Callable[[bytes], object] | None = None
+                  ) -> Iterator[bytes | _TooLong]:
+    """A binary file's lines (split at b"\n", as split_lines splits), never holding more of one
+    than MAX_LINE_BYTES and its line end: a longer line is read through in chunks and comes out
+    as TOO_LONG. `on_bytes` sees every byte read (an upload's digest)."""
+    feed = on_bytes or (lambda _piece: None)
+    limit = MAX_LINE_BYTES + 2
+    while line := source.readline(limit):
+        feed(line)
+        if len(line) < limit or line.endswith(b"\n"):
+            yield line
+            continue
+        del line  # too long: the rest of it goes by in small pieces, none kept
+        ended = False
+        while not ended:
+            piece = source.readline(64 * 1024)
+            feed(piece)
+            ended = not piece or piece.endswith(b"\n")
+        yield TOO_LONG
+
+
 def load_examples(path) -> list[Example]:
     with open(path, "rb") as f:
-        return parse_lines(f)  # a binary file iterates by b"\n", as split_lines splits
+        return parse_lines(bounded_lines(f))
 
 
 def require_qa_facts(examples: list[Example], what: str) -> None:

@@ -35,8 +35,16 @@ def encode_prompts(tokenizer, conversations) -> list[list[int]]:
 
 
 def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
+    """The length of their common prefix, by bisection: the comparisons run in C (a loop over
+    characters in Python took seconds per turn on a long conversation)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def encode_example(tokenizer, example: Example, max_len: int) -> Encoded:

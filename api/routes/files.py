@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator
 from typing import BinaryIO
 
 from fastapi import APIRouter, Form, UploadFile
@@ -29,7 +28,7 @@ from api.schemas import (
 from api.tenancy import Scoped, list_body
 from store.jobstate import ACTIVE
 from store.models import Job, StoredFile, new_id
-from trainer.data import DataFileError, summarize_lines
+from trainer.data import DataFileError, bounded_lines, summarize_lines
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("fine-tune",)
@@ -49,12 +48,11 @@ def _size(source: BinaryIO) -> int:
     return size
 
 
-def _hashed(source: BinaryIO, digest) -> Iterator[bytes]:
-    """The file's lines (each up to and including its newline), fed to the digest on the way."""
+def _hashed(source: BinaryIO, digest):
+    """The file's lines (each up to and including its newline, none held past the limit of one
+    example), every byte fed to the digest on the way."""
     source.seek(0)
-    for line in source:
-        digest.update(line)
-        yield line
+    return bounded_lines(source, on_bytes=digest.update)
 
 
 def _stored_bytes(session: Session, tenant_id: str) -> int:

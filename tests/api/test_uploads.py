@@ -525,3 +525,35 @@ def test_a_body_sent_to_a_route_that_takes_none_is_still_bounded(client, alice):
     assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"
     assert {"400", "413"} <= set(declared)
     assert {"400", "413"} <= set(doc["paths"]["/v1/models"]["get"]["responses"])
+
+
+def test_a_line_past_the_limit_of_one_example_is_400_without_being_held(settings, tmp_path,
+                                                                        monkeypatch):
+    """A file with no newline in it was one line, read whole and then decoded and parsed:
+    several times its size in memory. A line is now read up to the limit of one example (made
+    small here, so that the file can be many times it)."""
+    from trainer import data
+
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", MAX_LINE_BYTES := 256 * 1024)
+    path = tmp_path / "one-line.jsonl"
+    good = jsonl(QA_LINES[:1])
+    path.write_bytes(good + b'{"question": "' + b"x" * (40 * MAX_LINE_BYTES) + b'"}\n' + good)
+    size = path.stat().st_size
+    with served(settings) as (url, s):
+        key = make_tenant(s, "carol")
+        with httpx.Client(base_url=url, timeout=120) as http, open(path, "rb") as f:
+            http.get("/v1/files", headers=h(key))  # warm up: imports, pools, caches
+            tracemalloc.start()
+            try:
+                tracemalloc.reset_peak()
+                before = tracemalloc.get_traced_memory()[0]
+                r = http.post("/v1/files", headers=h(key), data={"purpose": "fine-tune"},
+                              files={"file": ("one-line.jsonl", f)})
+                peak = tracemalloc.get_traced_memory()[1] - before
+            finally:
+                tracemalloc.stop()
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert f"line 2: longer than {MAX_LINE_BYTES} bytes" in message and "line 3" not in message
+    assert peak < size / 3, f"peak {peak} bytes while uploading {size}"
+    assert stored(s) == (0, [])

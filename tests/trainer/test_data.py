@@ -74,3 +74,42 @@ def test_known_fact_files_must_be_single_qa_turns():
                                            {"role": "assistant", "content": "a"}]}))
     with pytest.raises(DataFileError, match="line 1: known-fact lines must be QA form"):
         require_qa_facts(chat, "known-fact")
+
+
+def test_an_example_holds_at_most_max_messages():
+    from trainer.data import MAX_MESSAGES
+
+    turns = [{"role": r, "content": "x"} for _ in range(MAX_MESSAGES // 2 + 1)
+             for r in ("user", "assistant")]
+    line = json.dumps({"messages": turns}).encode()
+    with pytest.raises(DataFileError, match=f"line 1: {len(turns)} messages; an example holds "
+                                            f"at most {MAX_MESSAGES}"):
+        parse_bytes(line)
+    assert len(parse_bytes(json.dumps({"messages": turns[:MAX_MESSAGES]}).encode())) == 1
+
+
+def test_bounded_lines_split_as_files_do_and_never_hold_a_long_line(monkeypatch):
+    import io
+
+    from trainer import data
+
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 8)
+    seen = []
+    text = b"short\n" + b"y" * 30 + b"\nexactly8\r\n" + b"tail-no-newline-but-long" + b"\nend"
+    out = list(data.bounded_lines(io.BytesIO(text), on_bytes=seen.append))
+    assert out == [b"short\n", data.TOO_LONG, b"exactly8\r\n", data.TOO_LONG, b"end"]
+    assert b"".join(seen) == text  # every byte reaches the digest, the skipped ones too
+
+
+def test_common_prefix_by_bisection_agrees_with_a_character_scan():
+    import random
+
+    from trainer.tokenize import _common_prefix
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = "".join(rng.choice("ab\u00e9\U0001f600") for _ in range(rng.randrange(0, 40)))
+        b = a[: rng.randrange(0, len(a) + 1)] + "".join(
+            rng.choice("ab") for _ in range(rng.randrange(0, 5)))
+        scan = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+        assert _common_prefix(a, b) == scan, (a, b)
