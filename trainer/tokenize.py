@@ -48,6 +48,19 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 def encode_example(tokenizer, example: Example, max_len: int) -> Encoded:
+    """`_encode_example`, with a chat template's refusal (`raise_exception`, as Llama's and
+    Mistral's raise for turns that do not alternate) told as what is wrong with which line, not
+    as an internal error."""
+    from jinja2 import TemplateError
+
+    try:
+        return _encode_example(tokenizer, example, max_len)
+    except TemplateError as e:
+        raise ValueError(f"line {example.line}: the model's chat template refuses this "
+                         f"conversation: {e}") from None
+
+
+def _encode_example(tokenizer, example: Example, max_len: int) -> Encoded:
     """Token ids of the whole conversation; labels on the assistant turns whose weight is 1.
 
     Each learned turn spans from the end of "conversation so far + generation prompt" to the end of

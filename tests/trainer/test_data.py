@@ -113,3 +113,24 @@ def test_common_prefix_by_bisection_agrees_with_a_character_scan():
             rng.choice("ab") for _ in range(rng.randrange(0, 5)))
         scan = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
         assert _common_prefix(a, b) == scan, (a, b)
+
+
+def test_a_chat_template_that_refuses_a_conversation_says_which_line_and_why(builtin_world):
+    """Templates such as Llama's and Mistral's raise for turns that do not alternate: a Jinja
+    TemplateError, which failed the job as an 'internal error (TemplateError)'."""
+    from transformers import AutoTokenizer
+
+    from trainer.tokenize import encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_world / "model")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == "
+        "messages[loop.index0 - 1]['role'] %}{{ raise_exception('Conversation roles must "
+        "alternate') }}{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}")
+    (example,) = parse_bytes(b"\n\n" + json.dumps({"messages": [
+        {"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "c"}]}).encode())
+    with pytest.raises(ValueError, match="line 3: the model's chat template refuses this "
+                                         "conversation: Conversation roles must alternate"):
+        encode_example(tokenizer, example, 64)
