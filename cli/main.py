@@ -82,7 +82,8 @@ def _bench(sub) -> None:
     interference.set_defaults(func=_lazy("bench.interference", "main"))
     api = bsub.add_parser("api", help="the API under load (wrk) beside a bare FastAPI app")
     api.add_argument("--json", help="write the figures here too")
-    api.add_argument("--workers", type=int, default=1, help="uvicorn processes, both apps")
+    api.add_argument("--workers", type=_at_least_one, default=1,
+                     help="uvicorn processes, both apps")
     api.add_argument("--connections", type=int, default=32)
     api.add_argument("--seconds", type=int, default=10, help="measured seconds per phase")
     api.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each phase")
@@ -118,7 +119,8 @@ def _service(sub) -> None:
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--log-level", default="info")
-    api.add_argument("--workers", type=int, default=1, help="uvicorn processes (default 1)")
+    api.add_argument("--workers", type=_at_least_one, default=1,
+                     help="uvicorn processes (default 1)")
     api.set_defaults(func=_lazy("api.cli", "serve_api"))
     worker = ssub.add_parser("worker", help="a Celery worker: one job at a time")
     worker.add_argument("--name", default=None, help="worker node name")
@@ -127,13 +129,14 @@ def _service(sub) -> None:
     up = sub.add_parser("up", help="API and worker together, no servers needed (embedded mode)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--workers", type=_at_least_one, default=1, help="worker processes")
     up.set_defaults(func=_lazy("worker.embedded", "up"))
 
     demo = sub.add_parser("demo", help="the main job: three methods side by side, end to end")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8765)
-    demo.add_argument("--workers", type=int, default=1)
+    # 0 workers would run no job: the demo waited for its jobs forever
+    demo.add_argument("--workers", type=_at_least_one, default=1, help="worker processes")
     demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--out", default="driftsafe-demo", help="adapters and logs go here")
     demo.set_defaults(func=_lazy("cli.demo", "main"))
