@@ -6,7 +6,10 @@ is a folder on disk. Production points DATABASE_URL at PostgreSQL and BROKER_URL
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -125,13 +128,18 @@ class Settings(BaseSettings):
         path = self.data_dir / "secret_key"
         if not path.exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(secrets.token_hex(32))
-            tmp.chmod(0o600)
+            # Written whole under a name of its own (0600 from its creation), then linked into
+            # place: several API processes start at once on a fresh data dir, the first link
+            # wins and the others read its key. (One shared temporary name let a process read
+            # an empty key, or crash on a file another had already renamed.)
+            fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".secret_key.")
             try:
-                tmp.rename(path) if not path.exists() else tmp.unlink()
-            except FileNotFoundError:
-                pass
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(32))
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
         return path.read_text().strip().encode()
 
 
