@@ -142,10 +142,42 @@ def alembic_config(url: str):
     return cfg
 
 
+MIGRATION_LOCK = 0x64726674  # pg_advisory_lock key: "drft"
+
+
 def migrate(settings: Settings | None = None) -> None:
-    """Bring the database to the newest schema (idempotent; run before any server starts)."""
+    """Bring the database to the newest schema (idempotent; run before any server starts), one
+    process at a time: `driftsafe up &` and `tenants create` right after it both migrate a fresh
+    database, and the second ran the first revision again ("table tenants already exists")."""
     from alembic import command
 
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(settings.sqlalchemy_url), "head")
+    with _one_migrator(settings):
+        command.upgrade(alembic_config(settings.sqlalchemy_url), "head")
+
+
+@contextmanager
+def _one_migrator(settings: Settings):
+    """A lock across processes: an advisory lock on PostgreSQL, a file lock beside SQLite's."""
+    url = settings.sqlalchemy_url
+    if url.startswith("postgresql"):
+        engine = make_engine(url, pool_size=1, max_overflow=0)
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK})")
+                try:
+                    yield
+                finally:
+                    conn.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")
+        finally:
+            engine.dispose()
+        return
+    import fcntl
+
+    with open(settings.data_dir / ".migrate.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
