@@ -134,8 +134,10 @@ class KnowledgeProbe:
                                         like=self.base.heldout_logprobs))
         # Forgetting counts only facts the base answered right (the held-out facts "used"):
         # a fact the base never knew cannot be forgotten, nor its lucky guess count as kept.
+        # With none used there is no measure (None), and no checkpoint is called drift-safe on
+        # no evidence (it was: forgetting 0.0, so every checkpoint passed the budget).
         used = int(was_right.sum())
-        forgetting = float((was_right & ~heldout_ok).sum()) / used if used else 0.0
+        forgetting = float((was_right & ~heldout_ok).sum()) / used if used else None
         return {
             "base_heldout_known_accuracy": base_acc,
             "heldout_known_accuracy": tuned_acc,
@@ -149,6 +151,6 @@ class KnowledgeProbe:
             "representation_drift": cosine_drift(self.base.subject_vectors,
                                                  self._subject_vectors(model)),
             "max_forgetting": self.max_forgetting,
-            "drift_safe": forgetting <= self.max_forgetting,
+            "drift_safe": None if forgetting is None else forgetting <= self.max_forgetting,
             **strata_report(self.seen, self.base.heldout_correct, heldout_ok),
         }

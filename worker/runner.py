@@ -335,9 +335,13 @@ def _train(settings: Settings, artifacts: ArtifactStore, job: Job, worker_id: st
             with session_scope(settings) as s:
                 record_checkpoint(s, job, info.step, rel, info.metrics)
                 if info.metrics:
+                    forgetting = info.metrics.get("forgetting")
                     add_event(s, job, f"Checkpoint at step {info.step}: held-out known accuracy "
-                                      f"{info.metrics.get('heldout_known_accuracy', 0):.3f}, "
-                                      f"forgetting {info.metrics.get('forgetting', 0):.3f}",
+                                      f"{info.metrics.get('heldout_known_accuracy') or 0:.3f}, "
+                                      "forgetting " + ("unmeasured (the base model answered "
+                                                       "none of the held-out facts)"
+                                                       if forgetting is None
+                                                       else f"{forgetting:.3f}"),
                               type="metrics", data={
                                   "step": info.step,
                                   "known_accuracy": info.metrics.get("heldout_known_accuracy"),

@@ -212,3 +212,21 @@ def test_prepared_facts_score_as_raw_ones_and_a_probe_prepares_its_facts_once(
     first, second = probe.measure(model), probe.measure(model)
     assert len(calls) == 2  # the training facts and the held-out ones, once each
     assert first == second and first["forgetting"] == 0.0
+
+
+def test_with_no_held_out_fact_the_base_knew_forgetting_is_unmeasured_not_zero(builtin_world,
+                                                                                facts):
+    """Forgetting counts the facts the base answered right; with none (a chat model scored by
+    exact match, say) it was 0.0, and every checkpoint was called drift-safe on no evidence."""
+    import dataclasses
+
+    from trainer import evaluate
+
+    tok, model = load(builtin_world)
+    wrong = [dataclasses.replace(f, messages=(f.messages[0], {**f.messages[1], "content": "Zq"}),
+                                 answers=("Zq",)) for f in facts["known"][:20]]
+    probe = evaluate.KnowledgeProbe(tok, facts["unknown"][:10], wrong, 0.05)
+    probe.baseline(model)
+    report = probe.measure(model)
+    assert report["heldout_known_facts_used"] == 0
+    assert report["forgetting"] is None and report["drift_safe"] is None
