@@ -423,8 +423,15 @@ class _Run:
             torch.cuda.set_rng_state_all(tensors["cuda_rng"])
         if meta.get("knowledge_categories") is not None:
             self.categories = meta["knowledge_categories"]
+        self.restored_metrics = meta.get("metrics") or {}
         self.cb.on_event("info", f"resumed from checkpoint at step {meta['step']}")
         return meta["step"], meta.get("trained_tokens", 0)
+
+    def _stopped_here_by_its_rule(self, step: int) -> bool:
+        rule = self.hp.stop_at_new_fact_accuracy
+        reached = (getattr(self, "restored_metrics", None) or {}).get("new_fact_accuracy")
+        return bool(rule and self.resume_from and step < self.total_steps
+                    and reached is not None and reached >= rule)
 
     def _cache_teacher(self) -> None:
         """Compute the teacher's outputs once (`trainer.teacher_cache`): after the teacher is
@@ -437,6 +444,12 @@ class _Run:
     def run(self) -> TrainResult:
         step, tokens = self._restore() if self.resume_from else (0, 0)
         self.first_step = step
+        if self._stopped_here_by_its_rule(step):
+            # Its worker died after the stop, before the job's end was recorded: stop again,
+            # rather than train on to the next checkpoint and forget more.
+            self.cb.on_event("info", f"resumed at step {step}, where the run had stopped: "
+                                     "new-fact accuracy had reached its target")
+            return self._finish("succeeded", step, tokens, [], [], report=self.restored_metrics)
         if self.teacher is not None and self.teacher_cache is None and step < self.total_steps:
             self._cache_teacher()
         checkpoints: list[CheckpointInfo] = []

@@ -200,3 +200,23 @@ def test_a_resumed_run_cancelled_before_its_first_step_leaves_its_checkpoint_alo
     assert again.status == "cancelled" and again.step == 2
     assert again.checkpoints == [] and recorded == []
     assert state.read_bytes() == before
+
+
+def test_a_run_stopped_by_its_rule_and_resumed_stops_again_where_it_was(
+        builtin_world, builtin_examples, tmp_path, monkeypatch):
+    """The run stopped at a checkpoint by stop_at_new_fact_accuracy; its worker died before the
+    job's end was recorded, and the job was resumed: it trained on to the next checkpoint,
+    past the point its rule had chosen, and forgot more."""
+    from trainer import loop
+
+    monkeypatch.setattr(loop._Run, "_measure", lambda self: {
+        "new_fact_accuracy": 0.97, "forgetting": 0.01, "drift_safe": True})
+    s = spec(epochs=3, batch=16, stop_at_new_fact_accuracy=0.95).model_copy(
+        update={"checkpoint_every_n_steps": 2})
+    first = train(job(builtin_world, builtin_examples, tmp_path, s, slick=None))
+    assert first.status == "succeeded" and first.step == 2 < first.total_steps
+    steps = []
+    again = train(job(builtin_world, builtin_examples, tmp_path, s, slick=None),
+                  Callbacks(on_metrics=lambda m: steps.append(m["step"])))
+    assert again.status == "succeeded" and again.step == 2 and steps == []
+    assert again.report["new_fact_accuracy"] == 0.97
