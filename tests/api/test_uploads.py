@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from store.db import migrate, session_scope
 from store.models import Checkpoint, Job, StoredFile
+from store.settings import Settings
 from tests.api.conftest import QA_LINES, h, jsonl, make_tenant, upload
 from tests.live import free_port
 
@@ -127,10 +128,9 @@ def test_upload_is_validated_on_bulk_threads_not_the_loop_or_request_threads(set
         assert queued.result(timeout=30).status_code == 200
 
 
-def test_upload_memory_stays_far_below_the_file_size(settings, tmp_path):
-    path = tmp_path / "big.jsonl"
-    path.write_bytes(qa_file(60_000))  # about 4 MB
-    size = path.stat().st_size
+def upload_traced(settings, path: Path) -> tuple[httpx.Response, int, Settings]:
+    """Upload `path` to a live server in this process: (the answer, the peak of memory allocated
+    meanwhile, the served settings)."""
     with served(settings) as (url, s):
         key = make_tenant(s, "carol")
         with httpx.Client(base_url=url, timeout=120) as http, open(path, "rb") as f:
@@ -140,10 +140,17 @@ def test_upload_memory_stays_far_below_the_file_size(settings, tmp_path):
                 tracemalloc.reset_peak()
                 before = tracemalloc.get_traced_memory()[0]
                 r = http.post("/v1/files", headers=h(key), data={"purpose": "fine-tune"},
-                              files={"file": ("big.jsonl", f)})
-                peak = tracemalloc.get_traced_memory()[1] - before
+                              files={"file": (path.name, f)})
+                return r, tracemalloc.get_traced_memory()[1] - before, s
             finally:
                 tracemalloc.stop()
+
+
+def test_upload_memory_stays_far_below_the_file_size(settings, tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(qa_file(60_000))  # about 4 MB
+    size = path.stat().st_size
+    r, peak, s = upload_traced(settings, path)
     assert r.status_code == 200, r.text
     assert r.json()["bytes"] == size and r.json()["lines"] == 60_000
     # The old route held the bytes, their text, the split lines and every parsed example (~11x
@@ -539,19 +546,7 @@ def test_a_line_past_the_limit_of_one_example_is_400_without_being_held(settings
     good = jsonl(QA_LINES[:1])
     path.write_bytes(good + b'{"question": "' + b"x" * (40 * MAX_LINE_BYTES) + b'"}\n' + good)
     size = path.stat().st_size
-    with served(settings) as (url, s):
-        key = make_tenant(s, "carol")
-        with httpx.Client(base_url=url, timeout=120) as http, open(path, "rb") as f:
-            http.get("/v1/files", headers=h(key))  # warm up: imports, pools, caches
-            tracemalloc.start()
-            try:
-                tracemalloc.reset_peak()
-                before = tracemalloc.get_traced_memory()[0]
-                r = http.post("/v1/files", headers=h(key), data={"purpose": "fine-tune"},
-                              files={"file": ("one-line.jsonl", f)})
-                peak = tracemalloc.get_traced_memory()[1] - before
-            finally:
-                tracemalloc.stop()
+    r, peak, s = upload_traced(settings, path)
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert f"line 2: longer than {MAX_LINE_BYTES} bytes" in message and "line 3" not in message

@@ -73,36 +73,19 @@ def test_downgrade_and_upgrade_keep_every_row(settings):  # noqa: F811
     assert counts == [1, 1, 1]
 
 
-def _migrate_in_a_process(data_dir: str, start_at: float, out) -> None:
-    import time
-
+def _migrate(data_dir: str) -> str:
     from store.settings import Settings
 
-    time.sleep(max(0.0, start_at - time.time()))  # all at once
-    try:
-        migrate(Settings(data_dir=data_dir, secret_key="x"))
-        out.put("ok")
-    except Exception as e:  # noqa: BLE001 - the test reports what a process hit
-        out.put(f"{type(e).__name__}: {str(e)[:200]}")
+    migrate(Settings(data_dir=data_dir, secret_key="x"))
+    return "ok"
 
 
 def test_processes_migrating_a_fresh_database_at_once_all_succeed(tmp_path):
     """`driftsafe up &` then `driftsafe tenants create` (the README's first run) both migrate a
     fresh SQLite database; the second saw no version recorded yet, ran the first revision again
     and died on 'table tenants already exists'."""
-    import multiprocessing
-    import time
+    from tests.at_once import in_processes_at_once
 
-    context = multiprocessing.get_context("fork")
     for attempt in range(3):
-        out = context.Queue()
-        start_at = time.time() + 0.3
-        procs = [context.Process(target=_migrate_in_a_process,
-                                 args=(str(tmp_path / f"fresh{attempt}"), start_at, out))
-                 for _ in range(4)]
-        for p in procs:
-            p.start()
-        results = [out.get(timeout=60) for _ in procs]
-        for p in procs:
-            p.join(60)
+        results = in_processes_at_once(_migrate, (str(tmp_path / f"fresh{attempt}"),), 4)
         assert results == ["ok"] * 4, results

@@ -25,36 +25,21 @@ def test_the_rule_reads_the_environment_too(tmp_path, monkeypatch):
     assert Settings(data_dir=tmp_path).stale_after_seconds == 180
 
 
-def _key_in_a_process(data_dir: str, start_at: float, out) -> None:
-    import time
-
-    time.sleep(max(0.0, start_at - time.time()))  # all at once
-    try:
-        out.put(Settings(data_dir=data_dir).hmac_key().decode())
-    except Exception as e:  # noqa: BLE001 - the test reports what a process hit
-        out.put(f"error: {type(e).__name__}: {e}")
+def _key(data_dir: str) -> str:
+    return Settings(data_dir=data_dir).hmac_key().decode()
 
 
 def test_processes_starting_at_once_on_a_fresh_data_dir_share_one_private_key(tmp_path):
     """`serve api --workers N` on a fresh data dir: every process makes the key if it finds
     none. Through one shared temporary name a process could read an empty key (and then reject
     every API key) or crash renaming a file another had already moved."""
-    import multiprocessing
     import stat
-    import time
 
-    context = multiprocessing.get_context("fork")
+    from tests.at_once import in_processes_at_once
+
     for attempt in range(5):
         data_dir = tmp_path / f"fresh{attempt}"
-        out = context.Queue()
-        start_at = time.time() + 0.3
-        procs = [context.Process(target=_key_in_a_process, args=(str(data_dir), start_at, out))
-                 for _ in range(8)]
-        for p in procs:
-            p.start()
-        keys = [out.get(timeout=30) for _ in procs]
-        for p in procs:
-            p.join(30)
+        keys = in_processes_at_once(_key, (str(data_dir),), 8)
         assert len(set(keys)) == 1 and len(keys[0]) == 64, keys
         key_file = data_dir / "secret_key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
