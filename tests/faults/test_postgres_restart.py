@@ -20,7 +20,9 @@ SETTLE_S = 2.0  # after PostgreSQL answers again, every API answer must be a 200
 def test_postgres_restart_mid_training(service, pg_server, tmp_path):
     client, settings, store = service["client"], service["settings"], Store(service["settings"])
     worker = Worker(settings, tmp_path / "worker.log")
-    job_id = client.fine_tuning.jobs.create(**job_body(service["file"], epochs=6)).id
+    # Long enough to be training when PostgreSQL dies, on a fast machine too (6 epochs ended
+    # before the kill on one that ran a step in 25 ms).
+    job_id = client.fine_tuning.jobs.create(**job_body(service["file"], epochs=40)).id
     answers: list[tuple[float, int | str]] = []  # (time.monotonic(), status code or error)
     retry_after: set[str | None] = set()  # Retry-After headers of the answers that were not 200
     polling = threading.Event()
@@ -45,6 +47,7 @@ def test_postgres_restart_mid_training(service, pg_server, tmp_path):
               "the job never started training")
         poller.start()
         time.sleep(1.0)  # a baseline of answers before the fault
+        assert store.job(job_id).status == "running", "the job ended before the fault"
         killed = time.monotonic()
         pg_server.kill()
         time.sleep(DOWN_S)
