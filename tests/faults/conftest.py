@@ -253,8 +253,16 @@ class FreezableProxy:
                     pass
 
     def close(self) -> None:
+        """Drop every connection for real: shut down before closing. A bare close() leaves the
+        socket open while a pump thread is blocked in recv() on it, so a BRPOP the dead worker's
+        consumer had sent through the proxy stayed pending at Redis, which then handed the next
+        worker's message to it, to be swallowed here (the job's only message, lost)."""
         self._closed = True
         for s in [self._listener, *self._sockets]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 s.close()
             except OSError:
