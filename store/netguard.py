@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -103,3 +106,41 @@ def resolve(url: str, allow_private: bool) -> Target:
                 raise RefusedURL(f"Webhook URLs must reach a public address: {shown} is a {kind} "
                                  "address.")
     return Target(parsed, host, port, addresses)
+
+
+class TenantLookups:
+    """`resolve` on threads of its own, each tenant holding at most `per_tenant` of them at once.
+
+    A caller waits for a lookup only up to its deadline, but a lookup whose nameserver never
+    answers holds its thread until the resolver gives up (10-30 s): without a bound per tenant,
+    one tenant's unresolvable names would take every thread from every other tenant's lookups.
+    A tenant's lookup is counted until its thread is done (or it never started), not until its
+    caller stopped waiting. Thread-safe: the API takes lookups on its event loop, the webhook
+    sender on its own."""
+
+    def __init__(self, threads: int, per_tenant: int = 2, name: str = "driftsafe-webhook-dns"):
+        self.per_tenant = per_tenant
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._held: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def submit(self, tenant_id: str, url: str, allow_private: bool) -> Future | None:
+        """The lookup's future, or None while the tenant already holds `per_tenant` of them."""
+        with self._lock:
+            if self._held[tenant_id] >= self.per_tenant:
+                return None
+            self._held[tenant_id] += 1
+        lookup = self._pool.submit(resolve, url, allow_private)
+        lookup.add_done_callback(lambda _: self._give_back(tenant_id))
+        return lookup
+
+    def held(self) -> int:
+        """Lookups holding a thread, every tenant's."""
+        with self._lock:
+            return sum(self._held.values())
+
+    def _give_back(self, tenant_id: str) -> None:
+        with self._lock:
+            self._held[tenant_id] -= 1
+            if not self._held[tenant_id]:
+                del self._held[tenant_id]

@@ -29,8 +29,6 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -38,22 +36,17 @@ from sqlalchemy import select, update
 
 from store.db import session_scope
 from store.models import WebhookDelivery, WebhookEndpoint
-from store.netguard import RefusedURL, Target, resolve
+from store.netguard import RefusedURL, Target, TenantLookups
 from store.settings import Settings
 
 MAX_ATTEMPTS = 8
 BATCH = 20
 LEASE_MARGIN_S = 30.0  # on top of the deadline: time to record the outcome after sending
 log = logging.getLogger(__name__)
-# Lookups run here, not in asyncio's default pool: asyncio.run() waits for that pool on exit, so a
-# lookup stuck past the deadline would hold the whole pass. Such a lookup still holds its thread
-# until the resolver gives up (10-30 s), so each tenant holds at most LOOKUPS_PER_TENANT of them:
-# one tenant's unresolvable names cannot take every tenant's deliveries (as at registration,
-# api/routes/webhooks.py).
-_LOOKUPS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="driftsafe-webhook-dns")
-LOOKUPS_PER_TENANT = 2
-_lookups_held: Counter[str] = Counter()  # tenant id -> lookups holding a thread
-_lookups_lock = threading.Lock()
+# Lookups run on threads of their own, not asyncio's default pool: asyncio.run() waits for that
+# pool on exit, so a lookup stuck past the deadline would hold the whole pass. Each tenant holds
+# at most LOOKUPS.per_tenant of them (store.netguard.TenantLookups), as at registration.
+LOOKUPS = TenantLookups(threads=16)
 
 
 @dataclass(frozen=True)
@@ -115,29 +108,11 @@ def pinned_request(target: Target) -> tuple[httpx.URL, dict, dict]:
     return url, headers, extensions
 
 
-def _take_lookup(tenant_id: str) -> bool:
-    with _lookups_lock:
-        if _lookups_held[tenant_id] >= LOOKUPS_PER_TENANT:
-            return False
-        _lookups_held[tenant_id] += 1
-        return True
-
-
-def _give_lookup(tenant_id: str) -> None:
-    with _lookups_lock:
-        _lookups_held[tenant_id] -= 1
-        if not _lookups_held[tenant_id]:
-            del _lookups_held[tenant_id]
-
-
 async def _lookup(item: Claimed, allow_private: bool) -> Target:
-    """`resolve` on the lookup threads once the tenant has a lookup to spare; the wait counts
-    against the delivery's deadline."""
-    while not _take_lookup(item.tenant_id):
+    """`resolve` once the tenant has a lookup to spare; the wait counts against the delivery's
+    deadline."""
+    while (lookup := LOOKUPS.submit(item.tenant_id, item.url, allow_private)) is None:
         await asyncio.sleep(0.05)
-    lookup = _LOOKUPS.submit(resolve, item.url, allow_private)
-    # Given back when the thread is done (or the lookup never started), not at the deadline.
-    lookup.add_done_callback(lambda _: _give_lookup(item.tenant_id))
     return await asyncio.wrap_future(lookup)
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
@@ -26,7 +24,7 @@ from api.schemas import (
 )
 from api.tenancy import Scoped, list_body
 from store.models import WebhookEndpoint
-from store.netguard import RefusedURL, resolve
+from store.netguard import RefusedURL, TenantLookups
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 ALL_EVENTS = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
@@ -34,13 +32,9 @@ ALL_EVENTS = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tunin
 
 # Registration resolves the URL's host on threads of its own, within webhook_deadline_seconds:
 # a name whose nameserver never answers would otherwise hold one of the API's few request threads
-# for the resolver's timeouts (10-30 s), and a few such registrations would hold them all. A
-# lookup past its deadline still holds its thread until the resolver gives up, so each tenant may
-# hold at most LOOKUPS_PER_TENANT of them: one tenant's unresolvable names cannot take every
-# tenant's lookups.
-_LOOKUPS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="driftsafe-webhook-dns")
-LOOKUPS_PER_TENANT = 2
-_lookups_held: Counter[str] = Counter()  # tenant id -> lookups holding a thread (this process)
+# for the resolver's timeouts (10-30 s), and a few such registrations would hold them all. Each
+# tenant holds at most LOOKUPS.per_tenant of those threads (store.netguard.TenantLookups).
+LOOKUPS = TenantLookups(threads=8)
 
 
 @router.post("", response_model=WebhookObject,
@@ -64,15 +58,11 @@ async def create_webhook(body: WebhookCreate, session: SessionDep, tenant: Curre
 
 async def _check_url(url: str, tenant_id: str, settings) -> None:
     deadline = settings.webhook_deadline_seconds
-    if _lookups_held[tenant_id] >= LOOKUPS_PER_TENANT:
-        raise APIError(429, f"{LOOKUPS_PER_TENANT} of this organization's webhook URLs are still "
+    lookup = LOOKUPS.submit(tenant_id, url, settings.webhook_allow_private)
+    if lookup is None:
+        raise APIError(429, f"{LOOKUPS.per_tenant} of this organization's webhook URLs are still "
                             "being resolved; retry when they are done.", type="rate_limit_error",
                        code="rate_limit_exceeded", headers={"Retry-After": f"{deadline:.0f}"})
-    loop = asyncio.get_running_loop()
-    _lookups_held[tenant_id] += 1
-    lookup = _LOOKUPS.submit(resolve, url, settings.webhook_allow_private)
-    # Released when the thread is done (or the lookup never started), not at the deadline.
-    lookup.add_done_callback(lambda _: _release_from_thread(loop, tenant_id))
     try:
         await asyncio.wait_for(asyncio.wrap_future(lookup), deadline)
     except RefusedURL as e:
@@ -80,19 +70,6 @@ async def _check_url(url: str, tenant_id: str, settings) -> None:
     except TimeoutError:
         raise APIError(400, f"The URL's host did not resolve within {deadline:g} s.",
                        param="url", code="invalid_url") from None
-
-
-def _release_from_thread(loop: asyncio.AbstractEventLoop, tenant_id: str) -> None:
-    try:
-        loop.call_soon_threadsafe(_release, tenant_id)
-    except RuntimeError:  # the loop has closed (the server stopped): nothing else counts now
-        _release(tenant_id)
-
-
-def _release(tenant_id: str) -> None:
-    _lookups_held[tenant_id] -= 1
-    if _lookups_held[tenant_id] <= 0:
-        del _lookups_held[tenant_id]
 
 
 @router.get("", response_model=ListOf, summary="List webhook endpoints")

@@ -334,7 +334,7 @@ def test_one_tenant_s_unresolvable_names_hold_at_most_two_lookups(tmp_path, monk
             alice, bob = make_tenant(settings, "alice"), make_tenant(settings, "bob")
             slow = {"url": "https://slow.example/h"}
             first = [pool.submit(client.post, "/v1/webhooks", headers=h(alice), json=slow)
-                     for _ in range(route.LOOKUPS_PER_TENANT)]
+                     for _ in range(route.LOOKUPS.per_tenant)]
             assert [f.result(timeout=10).status_code for f in first] == [400, 400]
             third = client.post("/v1/webhooks", headers=h(alice), json=slow)
             assert third.status_code == 429 and third.headers["retry-after"], third.text
@@ -342,7 +342,7 @@ def test_one_tenant_s_unresolvable_names_hold_at_most_two_lookups(tmp_path, monk
             assert ok.status_code == 200, ok.text
             released.set()  # the resolver gives up: alice's lookups are hers again
             deadline = time.monotonic() + 10
-            while route._lookups_held and time.monotonic() < deadline:
+            while route.LOOKUPS.held() and time.monotonic() < deadline:
                 time.sleep(0.05)
             again = client.post("/v1/webhooks", headers=h(alice),
                                 json={"url": "https://ok.example/h"})
