@@ -9,6 +9,8 @@ transport), so a laptop needs no server.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import secrets
 
@@ -27,6 +29,8 @@ SEND_TIMEOUT_S = 2.0  # a relay's send never holds its rows' locks longer than t
 EPOCH_KEY = "driftsafe:broker_epoch"
 RESEND_KEY = "driftsafe:resending"  # held by the one worker re-sending a lost broker's messages
 RESEND_CLAIM_S = 120  # a re-sender that dies on the way frees the claim after this
+SWEEP_KEY = "driftsafe:sweeping"  # held by the one worker looking for single lost messages
+SCAN_CHUNK = 1000  # messages read per round trip when listing what the broker holds
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +109,42 @@ def enqueue_jobs(app: Celery, jobs: list[tuple[str, float | None]]) -> bool:
         return False
 
 
-class BrokerEpoch:
-    """Notices a broker that lost its messages. A random marker is kept in Redis; if it vanishes,
-    Redis restarted without persistence and every queued job's message is gone. One worker at a
-    time re-sends: the one holding a short-lived claim (SET NX with an expiry), so a restart
-    causes one resend, not one per worker. The marker goes back only once the re-send is
-    recorded (`resent`): a re-sender that fails on the way gives its claim back (`abandon`), and
-    one that dies loses it when it expires, so the next pass re-sends. Other brokers keep their
-    messages (the folder broker) or are not watched."""
+def job_of_message(message: bytes | str | dict) -> str | None:
+    """The job id a wake-up message names, from kombu's JSON envelope (body: base64 JSON of
+    [args, kwargs, embed]); None for any other message. Only JSON is ever parsed."""
+    try:
+        if not isinstance(message, dict):
+            message = json.loads(message)
+        if message.get("headers", {}).get("task") != RUN_JOB or \
+                message.get("content-type") != "application/json":
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return args[0] if args and isinstance(args[0], str) else None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
+class BrokerWatch:
+    """Watches a Redis broker for lost wake-up messages, of every queued job or of one.
+
+    Every job: a random marker is kept in Redis; if it vanishes, Redis restarted without
+    persistence and every queued job's message is gone (`lost_messages`). One worker at a time
+    re-sends: the one holding a short-lived claim (SET NX with an expiry), so a restart causes
+    one resend, not one per worker. The marker goes back only once the re-send is recorded
+    (`resent`): a re-sender that fails on the way gives its claim back (`abandon`), and one that
+    dies loses it when it expires, so the next pass re-sends.
+
+    One job: kombu's Redis transport pops a message (BRPOP) before it records it as delivered
+    and unacknowledged, so a consumer that dies between the two loses it; and a pool child
+    killed after receiving its message but before claiming the job has its message acknowledged
+    (`task_reject_on_worker_lost` is off, see `make_celery`). `held_jobs` lists the jobs whose
+    messages the broker still holds, waiting or delivered; the reaper gives a new message to a
+    long-queued job that is not among them.
+
+    Other brokers keep their messages (the folder broker) or are not watched."""
 
     def __init__(self, settings: Settings):
         url = settings.celery_broker_url
@@ -145,3 +177,43 @@ class BrokerEpoch:
             self.client.delete(RESEND_KEY)
         except Exception:  # noqa: BLE001 - the claim expires by itself
             log.warning("could not give back the re-send claim", exc_info=True)
+
+    def take_sweep(self, every_s: float) -> bool:
+        """True for one worker per `every_s`: the one to look for single lost messages now."""
+        if self.client is None:
+            return False
+        try:
+            return bool(self.client.set(SWEEP_KEY, b"1", nx=True,
+                                        px=max(1, int(every_s * 1000))))
+        except Exception:  # noqa: BLE001 - a broker that is down now is checked next pass
+            log.warning("could not take the lost-message sweep", exc_info=True)
+            return False
+
+    def held_jobs(self) -> set[str] | None:
+        """Job ids of every wake-up message the broker holds: waiting in the queue (kombu keeps a
+        list per priority) or delivered and not yet acknowledged (its `unacked` hash, where a
+        message stays until its job ends, since jobs acknowledge late). None if the broker could
+        not be read."""
+        from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+        if self.client is None:
+            return None
+        lists = [QUEUE] + [f"{QUEUE}{Channel.sep}{p}" for p in PRIORITY_STEPS if p]
+        held: set[str] = set()
+        try:
+            for key in lists:
+                start = 0
+                while chunk := self.client.lrange(key, start, start + SCAN_CHUNK - 1):
+                    held.update(job_of_message(raw) for raw in chunk)
+                    start += len(chunk)
+            for _tag, delivered in self.client.hscan_iter(Channel.unacked_key,
+                                                          count=SCAN_CHUNK):
+                try:  # [message, exchange, routing key]
+                    held.add(job_of_message(json.loads(delivered)[0]))
+                except (ValueError, TypeError, KeyError, IndexError):
+                    continue
+        except Exception:  # noqa: BLE001 - a broker that is down now is checked next pass
+            log.warning("could not list the broker's messages", exc_info=True)
+            return None
+        held.discard(None)
+        return held

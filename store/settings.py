@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(10.0, gt=0)
     stale_after_seconds: float = Field(120.0, gt=0, description="Heartbeat age that marks a "
                                                                "running job's worker dead.")
+    lost_message_after_seconds: float = Field(
+        300.0, gt=0, description="A queued job whose wake-up message was sent this long ago and "
+        "that a Redis broker no longer holds (a worker died taking it) is sent a new one.")
     models: dict[str, str] = Field(default_factory=dict, description="Extra base models a worker "
                                    "can load: JSON object of model id -> local directory.")
     worlds_dir: Path | None = Field(None, description="Cache of built fact worlds (read by "

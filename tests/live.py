@@ -36,6 +36,7 @@ def env_for(settings) -> dict:
     env["DRIFTSAFE_HEARTBEAT_SECONDS"] = str(settings.heartbeat_seconds)
     env["DRIFTSAFE_STALE_AFTER_SECONDS"] = str(settings.stale_after_seconds)
     env["DRIFTSAFE_RELAY_POLL_SECONDS"] = str(settings.relay_poll_seconds)
+    env["DRIFTSAFE_LOST_MESSAGE_AFTER_SECONDS"] = str(settings.lost_message_after_seconds)
     env["DRIFTSAFE_WEBHOOK_ALLOW_PRIVATE"] = "true"  # test receivers listen on 127.0.0.1
     # limits travel too, so a test that sends many requests can lift them
     env["DRIFTSAFE_RATE_LIMIT_PER_MINUTE"] = str(settings.rate_limit_per_minute)

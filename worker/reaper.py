@@ -6,6 +6,9 @@ run at once:
 - once the broker is found to have lost its messages (a restarted Redis without persistence),
   every queued job's recorded message is forgotten, so the relay (worker/relay.py) sends them all
   again; a healthy backlog is otherwise left alone;
+- a job queued for over `lost_message_after_seconds` since its message was sent, whose message
+  the broker holds neither waiting nor delivered (a worker died taking it), has it forgotten
+  too, so the relay sends it one (`resend_lost_messages`);
 - expired idempotency records are purged.
 """
 
@@ -18,9 +21,9 @@ import time
 from sqlalchemy import delete, select, update
 
 from store.db import session_scope
-from store.jobstate import JobStatus, transition
-from store.models import IdempotencyRecord, Job
-from store.queue import BrokerEpoch
+from store.jobstate import JobStatus, event_values, transition
+from store.models import IdempotencyRecord, Job, JobEvent
+from store.queue import BrokerWatch
 from store.settings import Settings
 from worker.lifecycle import latest_checkpoint_step
 
@@ -69,33 +72,93 @@ def forget_sent_messages(settings: Settings) -> None:
                   .execution_options(synchronize_session=False))
 
 
+LOST_BATCH = 1000  # long-queued jobs checked per sweep, oldest first
+CONFIRM_S = 1.0  # a message missing from two looks this far apart is lost, not in a consumer's hand
+
+
+def sweep_every(settings: Settings) -> float:
+    """How often one worker looks for lost single messages: often enough to act soon after
+    `lost_message_after_seconds`, rarely enough that listing a long backlog costs nothing."""
+    return min(60.0, max(1.0, settings.lost_message_after_seconds / 4))
+
+
+def resend_lost_messages(settings: Settings, watch: BrokerWatch, *,
+                         confirm_s: float = CONFIRM_S) -> list[str]:
+    """Queued jobs whose message was sent over `lost_message_after_seconds` ago and that the
+    broker no longer holds get a new one: their sent message is forgotten, so the relay sends
+    it. The jobs it did that to.
+
+    A message is missing for a moment while a consumer holds it between taking it off the queue
+    and recording it as delivered, so only a job missing from two looks `confirm_s` apart counts;
+    a message sent twice all the same is harmless (the claim is a compare-and-set). Each write is
+    guarded on the message time read, so a job claimed, cancelled or re-sent meanwhile is left
+    alone."""
+    if not watch.take_sweep(sweep_every(settings)):
+        return []
+    cutoff = time.time() - settings.lost_message_after_seconds
+    with session_scope(settings) as s:
+        waiting = {row.id: row for row in s.execute(
+            select(Job.id, Job.tenant_id, Job.enqueued_at)
+            .where(Job.status == JobStatus.QUEUED, Job.enqueued_at < cutoff)
+            .order_by(Job.seq).limit(LOST_BATCH))}
+    missing = set(waiting)
+    for look in range(2):
+        if not missing:
+            return []
+        if look:
+            time.sleep(confirm_s)
+        held = watch.held_jobs()
+        if held is None:
+            return []  # the broker could not be read: the next sweep looks again
+        missing -= held
+    resent = []
+    with session_scope(settings) as s:
+        for job_id in [j for j in waiting if j in missing]:  # oldest first
+            row = waiting[job_id]
+            done = s.execute(update(Job).where(
+                Job.id == job_id, Job.status == JobStatus.QUEUED,
+                Job.enqueued_at == row.enqueued_at).values(enqueued_at=None)
+                .execution_options(synchronize_session=False))
+            if done.rowcount == 1:
+                s.add(JobEvent(**event_values(
+                    row, "The job's wake-up message was lost from the broker (a worker stopped "
+                    "while taking it); it is sent again.", level="warn")))
+                resent.append(job_id)
+    if resent:
+        log.warning("%d queued job(s) had lost their broker message; re-sending: %s",
+                    len(resent), ", ".join(resent[:10]))
+    return resent
+
+
 def purge_idempotency(settings: Settings) -> None:
     with session_scope(settings) as s:
         s.execute(delete(IdempotencyRecord).where(
             IdempotencyRecord.created_at < time.time() - settings.idempotency_ttl_seconds))
 
 
-def reap_once(settings: Settings, epoch: BrokerEpoch | None = None) -> None:
+def reap_once(settings: Settings, watch: BrokerWatch | None = None) -> None:
     requeue_stale(settings)
-    if epoch is not None and epoch.lost_messages():
+    if watch is not None and watch.lost_messages():
         log.warning("the broker lost its messages (restarted without persistence); re-sending "
                     "every queued job")
         try:
             forget_sent_messages(settings)
         except BaseException:
-            epoch.abandon()  # the next pass (here or in another worker) re-sends
+            watch.abandon()  # the next pass (here or in another worker) re-sends
             raise
-        epoch.resent()
+        watch.resent()
+    elif watch is not None:
+        resend_lost_messages(settings, watch)
     purge_idempotency(settings)
 
 
 def start_reaper(settings: Settings, every_s: float = 5.0) -> threading.Thread:
-    epoch = BrokerEpoch(settings)
+    watch = BrokerWatch(settings)
 
     def loop():
         while True:
             try:
-                reap_once(settings, epoch)
+                reap_once(settings, watch)
             except Exception:  # noqa: BLE001 - a reaper that dies silently would be worse
                 log.exception("reaper pass failed")
             time.sleep(every_s)

@@ -8,10 +8,10 @@ import pytest
 
 from store.db import migrate, session_scope
 from store.models import Checkpoint, Job, JobEvent, Tenant, WebhookDelivery, WebhookEndpoint
-from store.queue import BrokerEpoch, make_celery
+from store.queue import BrokerWatch, make_celery
 from store.settings import Settings
 from worker.lifecycle import claim_job, finish_job
-from worker.reaper import reap_once
+from worker.reaper import reap_once, resend_lost_messages
 from worker.relay import relay_once
 
 
@@ -146,7 +146,7 @@ def test_broker_epoch_notices_a_redis_that_lost_its_messages():
     r = redis.Redis.from_url(url)
     r.flushdb()
     settings = Settings(broker_url=url, secret_key="x")
-    first, second = BrokerEpoch(settings), BrokerEpoch(settings)
+    first, second = BrokerWatch(settings), BrokerWatch(settings)
     assert first.lost_messages() is True  # an empty broker: whatever was queued is not in it
     assert second.lost_messages() is False  # one worker re-sends, not every worker
     assert first.lost_messages() is False
@@ -170,7 +170,7 @@ def test_a_resend_that_failed_on_the_way_is_done_by_the_next_pass(tmp_path, monk
     redis.Redis.from_url(url).flushdb()
     settings = setup(tmp_path, broker_url=url)
     job_id = add_job(settings, status="queued", enqueued_at=time.time() - 60)
-    first, second = BrokerEpoch(settings), BrokerEpoch(settings)
+    first, second = BrokerWatch(settings), BrokerWatch(settings)
 
     def database_down(_settings):
         raise OperationalError("UPDATE jobs", {}, ConnectionError("server closed"))
@@ -288,3 +288,112 @@ def test_wake_ups_go_to_redis_together_as_messages_a_worker_reads(monkeypatch):
         r.flushdb()
     down = make_celery(Settings(broker_url="redis://127.0.0.1:1/0", secret_key="x"))
     assert enqueue_jobs(down, jobs[:3]) is False
+
+
+def _backdate(settings, job_ids, seconds: float) -> dict[str, float]:
+    with session_scope(settings) as s:
+        for job in s.query(Job).filter(Job.id.in_(job_ids)):
+            job.enqueued_at -= seconds
+    with session_scope(settings) as s:
+        return {j.id: j.enqueued_at for j in s.query(Job).filter(Job.id.in_(job_ids))}
+
+
+def test_only_a_long_queued_job_whose_message_the_broker_lost_is_sent_again(tmp_path):
+    """Four jobs whose messages were sent: one waiting in the queue (a backlog), one delivered
+    to a worker and not yet acknowledged, one lost (taken off the queue by a consumer that died
+    before recording it), all sent long ago; and one lost a moment ago. Only the long-lost one
+    is sent again, with an event saying why."""
+    import redis
+
+    from store.queue import QUEUE, SWEEP_KEY, job_of_message
+
+    url = "redis://127.0.0.1:6379/11"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    settings = setup(tmp_path, broker_url=url, lost_message_after_seconds=60)
+    app = make_celery(settings)
+    delivered = add_job(settings, status="queued")
+    assert relay_once(settings, app) == 1
+    # A worker takes the message and holds it, unacked (until its connection closes: kombu
+    # then puts it back in the queue).
+    consumer = app.connection()
+    assert consumer.default_channel.basic_get(QUEUE, no_ack=False) is not None
+    waiting, lost, lost_lately = (add_job(settings, status="queued") for _ in range(3))
+    assert relay_once(settings, app) == 3
+    sent = _backdate(settings, [waiting, delivered, lost], 120)
+    for raw in r.lrange(QUEUE, 0, -1):  # `lost` and `lost_lately`: popped by a dying consumer
+        if job_of_message(raw) in (lost, lost_lately):
+            r.lrem(QUEUE, 1, raw)
+    assert [job_of_message(raw) for raw in r.lrange(QUEUE, 0, -1)] == [waiting]
+    assert r.hlen("unacked") == 1
+    watch = BrokerWatch(settings)
+    assert watch.held_jobs() == {waiting, delivered}
+
+    assert resend_lost_messages(settings, watch, confirm_s=0) == [lost]
+    with session_scope(settings) as s:
+        now = {j.id: j.enqueued_at for j in s.query(Job)}
+        lost_events = [e.message for e in s.query(JobEvent).filter_by(job_id=lost)]
+        others = s.query(JobEvent).filter(JobEvent.job_id != lost).count()
+    assert now[lost] is None  # the relay sends it again
+    assert (now[waiting], now[delivered]) == (sent[waiting], sent[delivered])
+    assert now[lost_lately] is not None
+    assert len(lost_events) == 1 and "lost from the broker" in lost_events[0]
+    assert others == 0
+    assert relay_once(settings, app) == 1 and lost in watch.held_jobs()
+
+    # one sweep per interval across workers; the next finds nothing more to do
+    assert resend_lost_messages(settings, BrokerWatch(settings), confirm_s=0) == []
+    r.delete(SWEEP_KEY)
+    _backdate(settings, [lost, lost_lately], 120)
+    assert resend_lost_messages(settings, watch, confirm_s=0) == [lost_lately]
+    consumer.close()
+
+
+def test_a_message_back_by_the_second_look_is_not_lost(tmp_path, monkeypatch):
+    """Between a consumer taking a message off the queue and recording it as delivered, the
+    broker holds it nowhere: a job is lost only if missing from two looks."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/11"
+    redis.Redis.from_url(url).flushdb()
+    settings = setup(tmp_path, broker_url=url, lost_message_after_seconds=60)
+    job_id = add_job(settings, status="queued", enqueued_at=time.time() - 120)
+    watch = BrokerWatch(settings)
+    looks = iter([set(), {job_id}])
+    monkeypatch.setattr(watch, "held_jobs", lambda: next(looks))
+    assert resend_lost_messages(settings, watch, confirm_s=0) == []
+    with session_scope(settings) as s:
+        assert s.query(Job).filter_by(id=job_id).one().enqueued_at is not None
+
+
+def test_messages_are_read_as_json_only_and_other_tasks_are_not_jobs():
+    import base64
+    import json
+    import pickle
+
+    from store.queue import RUN_JOB, job_of_message
+
+    body = base64.b64encode(json.dumps([["ftjob-1"], {}, {}]).encode()).decode()
+    ours = {"headers": {"task": RUN_JOB}, "content-type": "application/json", "body": body,
+            "properties": {"body_encoding": "base64"}}
+    assert job_of_message(json.dumps(ours)) == "ftjob-1"
+    assert job_of_message({**ours, "headers": {"task": "other.task"}}) is None
+    pickled = base64.b64encode(pickle.dumps([["ftjob-1"], {}, {}])).decode()
+    assert job_of_message({**ours, "content-type": "application/x-python-serialize",
+                           "body": pickled}) is None
+    assert job_of_message({**ours, "body": pickled}) is None  # not JSON: not read
+    assert job_of_message(b"not json") is None
+    assert job_of_message(json.dumps({**ours, "body": "W10="})) is None  # []
+
+
+def test_no_sweep_without_a_redis_broker_or_when_it_is_down(tmp_path):
+    from tests.live import free_port
+
+    settings = setup(tmp_path)  # the folder broker keeps its messages
+    job_id = add_job(settings, status="queued", enqueued_at=time.time() - 10_000)
+    assert resend_lost_messages(settings, BrokerWatch(settings), confirm_s=0) == []
+    down = Settings(data_dir=tmp_path, secret_key="x",
+                    broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    assert resend_lost_messages(down, BrokerWatch(down), confirm_s=0) == []
+    with session_scope(settings) as s:
+        assert s.query(Job).filter_by(id=job_id).one().enqueued_at is not None
