@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import secrets
+import time
 
 from celery import Celery
 
@@ -31,6 +32,7 @@ RESEND_KEY = "driftsafe:resending"  # held by the one worker re-sending a lost b
 RESEND_CLAIM_S = 120  # a re-sender that dies on the way frees the claim after this
 SWEEP_KEY = "driftsafe:sweeping"  # held by the one worker looking for single lost messages
 SCAN_CHUNK = 1000  # messages read per round trip when listing what the broker holds
+SCAN_OVERLAP = 64
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +111,32 @@ def enqueue_jobs(app: Celery, jobs: list[tuple[str, float | None]]) -> bool:
         return False
 
 
+class UnreadableMessage(ValueError):
+    """A message in our queue whose job cannot be read: the sweep stops rather than guess."""
+
+
 def job_of_message(message: bytes | str | dict) -> str | None:
     """The job id a wake-up message names, from kombu's JSON envelope (body: base64 JSON of
-    [args, kwargs, embed]); None for any other message. Only JSON is ever parsed."""
+    [args, kwargs, embed]); None for another task's message. Only JSON is ever parsed: a
+    message that is not ours in a form this reads (another serializer, compression, another
+    protocol) raises UnreadableMessage."""
     try:
         if not isinstance(message, dict):
             message = json.loads(message)
-        if message.get("headers", {}).get("task") != RUN_JOB or \
-                message.get("content-type") != "application/json":
+        if message.get("headers", {}).get("task") != RUN_JOB:
             return None
+        if message.get("content-type") != "application/json" or \
+                message.get("headers", {}).get("compression"):
+            raise UnreadableMessage(f"a {RUN_JOB} message in {message.get('content-type')}")
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        return args[0] if args and isinstance(args[0], str) else None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return None
+        job_id = json.loads(body)[0][0]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise UnreadableMessage(f"unreadable message: {e}") from None
+    if not isinstance(job_id, str):
+        raise UnreadableMessage(f"a {RUN_JOB} message whose argument is not a job id")
+    return job_id
 
 
 class BrokerWatch:
@@ -140,8 +152,8 @@ class BrokerWatch:
     One job: kombu's Redis transport pops a message (BRPOP) before it records it as delivered
     and unacknowledged, so a consumer that dies between the two loses it; and a pool child
     killed after receiving its message but before claiming the job has its message acknowledged
-    (`task_reject_on_worker_lost` is off, see `make_celery`). `held_jobs` lists the jobs whose
-    messages the broker still holds, waiting or delivered; the reaper gives a new message to a
+    (`task_reject_on_worker_lost` is off, see `make_celery`). `held` says which jobs' messages
+    the broker still holds, waiting or lately delivered; the reaper gives a new message to a
     long-queued job that is not among them.
 
     Other brokers keep their messages (the folder broker) or are not watched."""
@@ -179,41 +191,60 @@ class BrokerWatch:
             log.warning("could not give back the re-send claim", exc_info=True)
 
     def take_sweep(self, every_s: float) -> bool:
-        """True for one worker per `every_s`: the one to look for single lost messages now."""
+        """True for one worker per `every_s`: the one to look for single lost messages now.
+        Never while the broker's marker is missing: every queued job's message is then being
+        re-sent (`lost_messages`), and an empty broker would make every one look lost."""
         if self.client is None:
             return False
         try:
+            if self.client.get(EPOCH_KEY) is None:
+                return False
             return bool(self.client.set(SWEEP_KEY, b"1", nx=True,
                                         px=max(1, int(every_s * 1000))))
         except Exception:  # noqa: BLE001 - a broker that is down now is checked next pass
             log.warning("could not take the lost-message sweep", exc_info=True)
             return False
 
-    def held_jobs(self) -> set[str] | None:
-        """Job ids of every wake-up message the broker holds: waiting in the queue (kombu keeps a
-        list per priority) or delivered and not yet acknowledged (its `unacked` hash, where a
-        message stays until its job ends, since jobs acknowledge late). None if the broker could
-        not be read."""
+    def held(self, jobs: set[str], delivered_within_s: float) -> set[str] | None:
+        """Which of `jobs` the broker holds a wake-up message for: waiting in the queue (kombu
+        keeps a list per priority, oldest at the tail) or delivered within `delivered_within_s`
+        and not yet acknowledged (kombu's `unacked` hash, indexed by delivery time in
+        `unacked_index`). An older delivery of a job still queued belongs to a worker that died
+        or hung before its claim, or to an earlier attempt of a job since re-queued: kombu keeps
+        such entries for the visibility timeout (7 days). The lists are read from their oldest
+        end, and only until every job is found. None if the broker could not be read, or held a
+        message of ours it could not read. `make_celery` sets none of kombu's key options
+        (prefix, separator, priority steps), so kombu's defaults name the keys."""
         from kombu.transport.redis import PRIORITY_STEPS, Channel
 
         if self.client is None:
             return None
-        lists = [QUEUE] + [f"{QUEUE}{Channel.sep}{p}" for p in PRIORITY_STEPS if p]
         held: set[str] = set()
         try:
+            tags = self.client.zrangebyscore(Channel.unacked_index_key,
+                                             time.time() - delivered_within_s, "+inf")
+            for b in range(0, len(tags), SCAN_CHUNK):
+                for delivered in self.client.hmget(Channel.unacked_key, tags[b: b + SCAN_CHUNK]):
+                    if delivered is None:
+                        continue  # acknowledged meanwhile
+                    message, _exchange, routing_key = json.loads(delivered)
+                    if routing_key == QUEUE:
+                        held.add(job_of_message(message))
+            lists = [QUEUE] + [f"{QUEUE}{Channel.sep}{p}" for p in PRIORITY_STEPS if p]
             for key in lists:
-                start = 0
-                while chunk := self.client.lrange(key, start, start + SCAN_CHUNK - 1):
+                end = -1
+                while not jobs <= held:
+                    chunk = self.client.lrange(key, end - SCAN_CHUNK + 1, end)
                     held.update(job_of_message(raw) for raw in chunk)
-                    start += len(chunk)
-            for _tag, delivered in self.client.hscan_iter(Channel.unacked_key,
-                                                          count=SCAN_CHUNK):
-                try:  # [message, exchange, routing key]
-                    held.add(job_of_message(json.loads(delivered)[0]))
-                except (ValueError, TypeError, KeyError, IndexError):
-                    continue
+                    if len(chunk) < SCAN_CHUNK:
+                        break  # read through to the newest
+                    # Reads overlap: a consumer popping the tail meanwhile moves every message
+                    # one index towards it, which must not make the scan step over one.
+                    end -= SCAN_CHUNK - SCAN_OVERLAP
+        except UnreadableMessage as e:
+            log.warning("not looking for lost messages: %s", e)
+            return None
         except Exception:  # noqa: BLE001 - a broker that is down now is checked next pass
             log.warning("could not list the broker's messages", exc_info=True)
             return None
-        held.discard(None)
-        return held
+        return held & jobs

@@ -85,9 +85,12 @@ def sweep_every(settings: Settings) -> float:
 def resend_lost_messages(settings: Settings, watch: BrokerWatch, *,
                          confirm_s: float = CONFIRM_S) -> list[str]:
     """Queued jobs whose message was sent over `lost_message_after_seconds` ago and that the
-    broker no longer holds get a new one: their sent message is forgotten, so the relay sends
-    it. The jobs it did that to.
+    broker no longer holds (`BrokerWatch.held`) get a new one: their sent message is forgotten,
+    so the relay sends it. The jobs it did that to.
 
+    The LOST_BATCH longest-sent are looked at: their messages are the oldest in the queue, at
+    the end the broker is read from. A lost job behind more than that many waits a little more
+    for its new message, but no longer than the backlog ahead of it would have held it anyway.
     A message is missing for a moment while a consumer holds it between taking it off the queue
     and recording it as delivered, so only a job missing from two looks `confirm_s` apart counts;
     a message sent twice all the same is harmless (the claim is a compare-and-set). Each write is
@@ -100,20 +103,20 @@ def resend_lost_messages(settings: Settings, watch: BrokerWatch, *,
         waiting = {row.id: row for row in s.execute(
             select(Job.id, Job.tenant_id, Job.enqueued_at)
             .where(Job.status == JobStatus.QUEUED, Job.enqueued_at < cutoff)
-            .order_by(Job.seq).limit(LOST_BATCH))}
+            .order_by(Job.enqueued_at).limit(LOST_BATCH))}
     missing = set(waiting)
     for look in range(2):
         if not missing:
             return []
         if look:
             time.sleep(confirm_s)
-        held = watch.held_jobs()
+        held = watch.held(missing, settings.lost_message_after_seconds)
         if held is None:
             return []  # the broker could not be read: the next sweep looks again
         missing -= held
     resent = []
     with session_scope(settings) as s:
-        for job_id in [j for j in waiting if j in missing]:  # oldest first
+        for job_id in [j for j in waiting if j in missing]:  # longest-sent first
             row = waiting[job_id]
             done = s.execute(update(Job).where(
                 Job.id == job_id, Job.status == JobStatus.QUEUED,

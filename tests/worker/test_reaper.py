@@ -298,72 +298,143 @@ def _backdate(settings, job_ids, seconds: float) -> dict[str, float]:
         return {j.id: j.enqueued_at for j in s.query(Job).filter(Job.id.in_(job_ids))}
 
 
-def test_only_a_long_queued_job_whose_message_the_broker_lost_is_sent_again(tmp_path):
-    """Four jobs whose messages were sent: one waiting in the queue (a backlog), one delivered
-    to a worker and not yet acknowledged, one lost (taken off the queue by a consumer that died
-    before recording it), all sent long ago; and one lost a moment ago. Only the long-lost one
-    is sent again, with an event saying why."""
+def _sent_at(settings) -> dict[str, float | None]:
+    with session_scope(settings) as s:
+        return {j.id: j.enqueued_at for j in s.query(Job)}
+
+
+def _broker(tmp_path, lost_after: float = 60):
+    """A private Redis database with the broker's marker set (a broker running a while), the
+    store, its Celery app and a watch."""
     import redis
 
-    from store.queue import QUEUE, SWEEP_KEY, job_of_message
+    from store.queue import EPOCH_KEY
 
     url = "redis://127.0.0.1:6379/11"
     r = redis.Redis.from_url(url)
     r.flushdb()
-    settings = setup(tmp_path, broker_url=url, lost_message_after_seconds=60)
-    app = make_celery(settings)
-    delivered = add_job(settings, status="queued")
-    assert relay_once(settings, app) == 1
-    # A worker takes the message and holds it, unacked (until its connection closes: kombu
-    # then puts it back in the queue).
-    consumer = app.connection()
-    assert consumer.default_channel.basic_get(QUEUE, no_ack=False) is not None
+    r.set(EPOCH_KEY, b"before")
+    settings = setup(tmp_path, broker_url=url, lost_message_after_seconds=lost_after)
+    return r, settings, make_celery(settings), BrokerWatch(settings)
+
+
+def test_only_a_long_queued_job_whose_message_the_broker_lost_is_sent_again(tmp_path):
+    """Jobs whose messages were sent long ago: one waiting in the queue (a backlog), one
+    delivered to a worker and not yet acknowledged, one delivered long ago to a worker that
+    died before its claim, one lost (taken off the queue by a consumer that died before
+    recording it); and one lost a moment ago. The two long-lost ones are sent again, with an
+    event saying why; nothing else changes."""
+    from store.queue import QUEUE, SWEEP_KEY, job_of_message
+
+    r, settings, app, watch = _broker(tmp_path)
+    # Workers take two messages and hold them, unacked (until their connection closes: kombu
+    # then puts them back in the queue).
+    delivered, delivered_to_the_dead = add_job(settings, status="queued"), None
+    consumers = []
+    for _ in range(2):
+        if consumers:
+            delivered_to_the_dead = add_job(settings, status="queued")
+        assert relay_once(settings, app) == 1
+        consumers.append(app.connection())
+        assert consumers[-1].default_channel.basic_get(QUEUE, no_ack=False) is not None
+    # the second was delivered 120 s ago, as far as kombu's delivery index says
+    tag = r.zrange("unacked_index", 0, -1, withscores=True)
+    newest_tag = max(tag, key=lambda t: t[1])[0]
+    r.zadd("unacked_index", {newest_tag: time.time() - 120})
     waiting, lost, lost_lately = (add_job(settings, status="queued") for _ in range(3))
     assert relay_once(settings, app) == 3
-    sent = _backdate(settings, [waiting, delivered, lost], 120)
+    sent = _backdate(settings, [waiting, delivered, delivered_to_the_dead, lost], 180)
     for raw in r.lrange(QUEUE, 0, -1):  # `lost` and `lost_lately`: popped by a dying consumer
         if job_of_message(raw) in (lost, lost_lately):
             r.lrem(QUEUE, 1, raw)
     assert [job_of_message(raw) for raw in r.lrange(QUEUE, 0, -1)] == [waiting]
-    assert r.hlen("unacked") == 1
-    watch = BrokerWatch(settings)
-    assert watch.held_jobs() == {waiting, delivered}
+    assert r.hlen("unacked") == 2
+    everyone = {waiting, delivered, delivered_to_the_dead, lost, lost_lately}
+    assert watch.held(everyone, 60) == {waiting, delivered}
 
-    assert resend_lost_messages(settings, watch, confirm_s=0) == [lost]
+    assert resend_lost_messages(settings, watch, confirm_s=0) == [delivered_to_the_dead, lost]
+    now = _sent_at(settings)
     with session_scope(settings) as s:
-        now = {j.id: j.enqueued_at for j in s.query(Job)}
-        lost_events = [e.message for e in s.query(JobEvent).filter_by(job_id=lost)]
-        others = s.query(JobEvent).filter(JobEvent.job_id != lost).count()
-    assert now[lost] is None  # the relay sends it again
+        events = {j: [e.message for e in s.query(JobEvent).filter_by(job_id=j)]
+                  for j in everyone}
+    assert now[lost] is None and now[delivered_to_the_dead] is None  # the relay sends them
     assert (now[waiting], now[delivered]) == (sent[waiting], sent[delivered])
     assert now[lost_lately] is not None
-    assert len(lost_events) == 1 and "lost from the broker" in lost_events[0]
-    assert others == 0
-    assert relay_once(settings, app) == 1 and lost in watch.held_jobs()
+    for job_id in everyone:
+        resent = job_id in (lost, delivered_to_the_dead)
+        assert len(events[job_id]) == resent, (job_id, events[job_id])
+        assert not resent or "lost from the broker" in events[job_id][0]
+    assert relay_once(settings, app) == 2 and watch.held(everyone, 60) == everyone - {
+        lost_lately}
 
-    # one sweep per interval across workers; the next finds nothing more to do
+    # One sweep per interval across workers: another lost job waits for the next.
+    again = _backdate(settings, [lost_lately], 120)
     assert resend_lost_messages(settings, BrokerWatch(settings), confirm_s=0) == []
+    assert _sent_at(settings)[lost_lately] == again[lost_lately]
     r.delete(SWEEP_KEY)
-    _backdate(settings, [lost, lost_lately], 120)
     assert resend_lost_messages(settings, watch, confirm_s=0) == [lost_lately]
-    consumer.close()
+    for consumer in consumers:
+        consumer.close()
+
+
+def test_the_sweep_reads_a_long_backlog_from_its_oldest_end_and_stops_when_all_are_found(
+        tmp_path, monkeypatch):
+    """2,500 messages waiting: the lost-message sweep finds the 3 oldest jobs in one read of
+    the queue's oldest end; a missing one makes it read the whole queue, in overlapping pages
+    (a consumer popping the oldest meanwhile must not make it step over a message)."""
+    import store.queue as queue
+
+    r, settings, app, watch = _broker(tmp_path)
+    jobs = [add_job(settings, status="queued") for _ in range(2500)]
+    assert relay_once(settings, app, batch=2500) == 2500
+    reads = []
+    real = watch.client.lrange
+    monkeypatch.setattr(watch.client, "lrange", lambda *a: reads.append(a[1:]) or real(*a))
+    assert watch.held(set(jobs[:3]), 60) == set(jobs[:3])
+    assert reads == [(-queue.SCAN_CHUNK, -1)]
+    reads.clear()
+    assert watch.held({jobs[0], "ftjob-gone"}, 60) == {jobs[0]}
+    # three pages of the queue, each overlapping the one before, then one empty read of each
+    # priority's list (kombu's keys for priorities 3, 6 and 9)
+    step = queue.SCAN_CHUNK - queue.SCAN_OVERLAP
+    assert reads == [(-queue.SCAN_CHUNK - k * step, -1 - k * step) for k in range(3)] + [
+        (-queue.SCAN_CHUNK, -1)] * 3
 
 
 def test_a_message_back_by_the_second_look_is_not_lost(tmp_path, monkeypatch):
     """Between a consumer taking a message off the queue and recording it as delivered, the
-    broker holds it nowhere: a job is lost only if missing from two looks."""
-    import redis
-
-    url = "redis://127.0.0.1:6379/11"
-    redis.Redis.from_url(url).flushdb()
-    settings = setup(tmp_path, broker_url=url, lost_message_after_seconds=60)
+    broker holds it nowhere: a job is lost only if missing from two looks. A broker that
+    cannot be read in the middle of a sweep changes nothing either."""
+    _r, settings, _app, watch = _broker(tmp_path)
     job_id = add_job(settings, status="queued", enqueued_at=time.time() - 120)
-    watch = BrokerWatch(settings)
-    looks = iter([set(), {job_id}])
-    monkeypatch.setattr(watch, "held_jobs", lambda: next(looks))
+    for looks in ([set(), {job_id}], [set(), None], [None]):
+        answers = iter(looks)
+        monkeypatch.setattr(watch, "held", lambda jobs, within, answers=answers: next(answers))
+        watch.client.delete("driftsafe:sweeping")
+        assert resend_lost_messages(settings, watch, confirm_s=0) == []
+        assert _sent_at(settings)[job_id] is not None
+
+
+def test_no_sweep_while_the_broker_is_new_or_holds_a_message_it_cannot_read(tmp_path):
+    """An emptied broker makes every queued job look lost: that is the marker's re-send, not
+    the sweep's. A message of ours in a form the sweep cannot read stops it rather than count
+    the job lost (or read the message any other way than as JSON)."""
+    import json
+    import pickle
+
+    from store.queue import EPOCH_KEY, QUEUE, RUN_JOB, SWEEP_KEY
+
+    r, settings, _app, watch = _broker(tmp_path)
+    job_id = add_job(settings, status="queued", enqueued_at=time.time() - 120)
+    r.delete(EPOCH_KEY)
     assert resend_lost_messages(settings, watch, confirm_s=0) == []
-    with session_scope(settings) as s:
-        assert s.query(Job).filter_by(id=job_id).one().enqueued_at is not None
+    r.set(EPOCH_KEY, b"again")
+    r.lpush(QUEUE, json.dumps({"headers": {"task": RUN_JOB}, "body": pickle.dumps(
+        [[job_id], {}, {}]).hex(), "content-type": "application/x-python-serialize"}))
+    assert resend_lost_messages(settings, watch, confirm_s=0) == []
+    assert _sent_at(settings)[job_id] is not None
+    r.delete(QUEUE, SWEEP_KEY)  # the unreadable message gone: the job is lost
+    assert resend_lost_messages(settings, watch, confirm_s=0) == [job_id]
 
 
 def test_messages_are_read_as_json_only_and_other_tasks_are_not_jobs():
@@ -371,7 +442,7 @@ def test_messages_are_read_as_json_only_and_other_tasks_are_not_jobs():
     import json
     import pickle
 
-    from store.queue import RUN_JOB, job_of_message
+    from store.queue import RUN_JOB, UnreadableMessage, job_of_message
 
     body = base64.b64encode(json.dumps([["ftjob-1"], {}, {}]).encode()).decode()
     ours = {"headers": {"task": RUN_JOB}, "content-type": "application/json", "body": body,
@@ -379,11 +450,14 @@ def test_messages_are_read_as_json_only_and_other_tasks_are_not_jobs():
     assert job_of_message(json.dumps(ours)) == "ftjob-1"
     assert job_of_message({**ours, "headers": {"task": "other.task"}}) is None
     pickled = base64.b64encode(pickle.dumps([["ftjob-1"], {}, {}])).decode()
-    assert job_of_message({**ours, "content-type": "application/x-python-serialize",
-                           "body": pickled}) is None
-    assert job_of_message({**ours, "body": pickled}) is None  # not JSON: not read
-    assert job_of_message(b"not json") is None
-    assert job_of_message(json.dumps({**ours, "body": "W10="})) is None  # []
+    for unreadable in ({**ours, "content-type": "application/x-python-serialize",
+                        "body": pickled},
+                       {**ours, "body": pickled},  # not JSON: not read
+                       {**ours, "headers": {"task": RUN_JOB, "compression": "gzip"}},
+                       {**ours, "body": "W10="},  # []
+                       b"not json"):
+        with pytest.raises(UnreadableMessage):
+            job_of_message(unreadable)
 
 
 def test_no_sweep_without_a_redis_broker_or_when_it_is_down(tmp_path):
@@ -395,5 +469,4 @@ def test_no_sweep_without_a_redis_broker_or_when_it_is_down(tmp_path):
     down = Settings(data_dir=tmp_path, secret_key="x",
                     broker_url=f"redis://127.0.0.1:{free_port()}/0")
     assert resend_lost_messages(down, BrokerWatch(down), confirm_s=0) == []
-    with session_scope(settings) as s:
-        assert s.query(Job).filter_by(id=job_id).one().enqueued_at is not None
+    assert _sent_at(settings)[job_id] is not None
