@@ -8,6 +8,7 @@ import re
 
 import anyio.to_thread
 from fastapi import FastAPI
+from starlette.datastructures import Headers
 
 from api import errors, openapi
 from api.auth import KeyCache, RateLimiter
@@ -71,7 +72,8 @@ class BodyLimit:
             limit, error = self.max_json_body_bytes, {
                 "message": f"Request body exceeds the limit of {self.max_json_body_bytes} bytes "
                            "for this route; send a smaller body.", "code": "request_too_large"}
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = Headers(scope=scope)
+        length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await _reject(send, 413, error)
         if upload:
@@ -79,7 +81,7 @@ class BodyLimit:
             # route's dependencies, so an upload without a valid key was read whole before its
             # 401. The key cache answers the route's own check after this one.
             try:
-                await authenticated(scope["app"].state, _header(scope, b"authorization"))
+                await authenticated(scope["app"].state, headers.get("authorization", ""))
             except APIError as e:
                 return await _reject(send, e.status, {"message": e.message, "type": e.type,
                                                       "code": e.code})
@@ -140,13 +142,6 @@ class BodyLimit:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
-
-
-def _header(scope, name: bytes) -> str:
-    for key, value in scope.get("headers") or ():
-        if key == name:
-            return value.decode("latin-1")
-    return ""
 
 
 async def _reject(send, status: int, error: dict) -> None:
