@@ -4,8 +4,8 @@ every delivery) both apply.
 A webhook URL is chosen by a tenant, but the POST leaves from inside our network: unchecked, a
 tenant could make the service call loopback services, cloud metadata (169.254.169.254) or anything
 on the private network (SSRF). So a URL may only reach globally routable unicast addresses
-(`ipaddress` `is_global`, checked again on the IPv4 address inside IPv4-mapped, 6to4 and NAT64
-IPv6 forms) unless `settings.webhook_allow_private` (tests, closed networks). Every address a name
+(`ipaddress` `is_global`, checked again on the IPv4 address inside IPv4-mapped or -translated,
+6to4 and NAT64 IPv6 forms; site-local fec0::/10 refused too) unless `settings.webhook_allow_private` (tests, closed networks). Every address a name
 resolves to must pass, since a client may pick any of them; the worker then connects to an
 address it checked, so a name that re-resolves elsewhere (DNS rebinding) gains nothing.
 
@@ -27,7 +27,9 @@ import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known prefix: the low 32 bits are IPv4
+# The low 32 bits are the IPv4 address a packet reaches: NAT64's well-known prefix, and SIIT's
+# IPv4-translated form (::ffff:0:a.b.c.d), which `ipv4_mapped` does not read.
+_CARRY_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::ffff:0:0:0/96"))
 # Deprecated IPv4-compatible (::a.b.c.d) and local-use NAT64 forms: `is_global` misses both.
 _NEVER = (ipaddress.ip_network("::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _KINDS = (("is_loopback", "loopback"), ("is_link_local", "link-local"),
@@ -54,16 +56,19 @@ def refusal(ip: IPAddress) -> str | None:
         return refusal(inner)
     if not ip.is_global or ip.is_multicast:
         return next((name for attr, name in _KINDS if getattr(ip, attr)), "non-public")
+    if ip.version == 6 and ip.is_site_local:  # deprecated fec0::/10, which `is_global` lets by
+        return "site-local"
     if ip.version == 6 and any(ip in net for net in _NEVER):
         return "reserved"
     return None
 
 
 def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address a packet to `ip` really reaches (IPv4-mapped, 6to4, NAT64), if any."""
+    """The IPv4 address a packet to `ip` really reaches (IPv4-mapped or -translated, 6to4,
+    NAT64), if any."""
     if ip.version == 4:
         return None
-    if ip in _NAT64:
+    if any(ip in net for net in _CARRY_IPV4):
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return ip.ipv4_mapped or ip.sixtofour
 

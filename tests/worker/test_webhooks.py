@@ -228,6 +228,9 @@ BAD_URLS = [
     ("http://[64:ff9b::a00:5]/h", "private"),  # NAT64 of 10.0.0.5
     ("http://[2002:c0a8:101::1]/h", "private"),  # 6to4 of 192.168.1.1
     ("http://[::7f00:1]/h", "reserved"),  # deprecated IPv4-compatible
+    ("http://[::ffff:0:7f00:1]/h", "loopback"),  # IPv4-translated 127.0.0.1
+    ("http://[::ffff:0:a9fe:a9fe]/h", "link-local"),  # IPv4-translated 169.254.169.254
+    ("http://[fec0::1]/h", "site-local"),  # deprecated site-local
     ("http://internal.example/h", "resolves to 10.1.2.3, which is a private"),
     ("http://mixed.example/h", "resolves to 127.0.0.1"),  # one bad address is enough
     ("http://nowhere.example/h", "does not resolve"),
