@@ -446,3 +446,20 @@ def test_hostile_request_is_4xx_in_the_envelope_and_changes_nothing(world, case)
     assert isinstance(error["message"], str) and error["message"] and error["type"]
     assert database_rows(settings) == rows
     assert stored_files(settings) == files
+
+
+@pytest.mark.parametrize("shape", [b'"' + b'\\"' * (1 << 19), b'"a' * (1 << 19),
+                                   b'"' + b"\\" * (1 << 20)])
+def test_the_nesting_check_is_linear_on_unclosed_strings(shape):
+    """The nesting check runs on every JSON body before the key check. A body of many unclosed
+    quotes made its string pattern rescan the rest of the body from each one: one 1 MB request
+    froze the event loop for over half an hour. Run apart, so a regression fails on its timeout
+    instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    program = ("import sys; from api.app import json_depth_exceeds; "
+               "print(json_depth_exceeds(sys.stdin.buffer.read()))")
+    done = subprocess.run([sys.executable, "-c", program], input=b"[" * 40 + shape,
+                          capture_output=True, timeout=30, check=True)
+    assert done.stdout.strip() == b"True"  # 40 open brackets, outside any string
