@@ -27,8 +27,9 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker; default a folder in data_dir.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     max_training_examples: int = Field(1_000_000, ge=1)
-    secret_key: str | None = Field(None, description="HMAC key for API-key hashes and webhook "
-                                                      "signatures; default a file in data_dir.")
+    secret_key: str | None = Field(None, description="HMAC key for API-key hashes (webhook "
+                                   "endpoints sign with secrets of their own); default a file "
+                                   "in data_dir.")
     heartbeat_seconds: float = Field(10.0, gt=0)
     stale_after_seconds: float = Field(120.0, gt=0, description="Heartbeat age that marks a "
                                                                "running job's worker dead.")
