@@ -5,8 +5,9 @@ A webhook URL is chosen by a tenant, but the POST leaves from inside our network
 tenant could make the service call loopback services, cloud metadata (169.254.169.254) or anything
 on the private network (SSRF). So a URL may only reach globally routable unicast addresses
 (`ipaddress` `is_global`, checked again on the IPv4 address inside IPv4-mapped or -translated,
-6to4 and NAT64 IPv6 forms; site-local fec0::/10 refused too) unless `settings.webhook_allow_private` (tests, closed networks). Every address a name
-resolves to must pass, since a client may pick any of them; the worker then connects to an
+6to4 and NAT64 IPv6 forms; site-local fec0::/10 refused too) unless
+`settings.webhook_allow_private` (tests, closed networks). Every address a name resolves to
+must pass, since a client may pick any of them; the worker then connects to an
 address it checked, so a name that re-resolves elsewhere (DNS rebinding) gains nothing.
 
 Also refused: credentials in the URL (they would be stored and shown back in listings) and port 0.
