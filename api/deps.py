@@ -42,7 +42,10 @@ async def get_artifacts(request: Request) -> ArtifactStore:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the session closes once the route has built its response, before a byte
+# is sent. The default closes it after the response is sent, so a slow reader of a download (or
+# of any reply) held a pooled connection all that while: 50 of them took every connection.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 
 

@@ -301,9 +301,7 @@ def _job_adapter(job_id: str, session, tenant, artifacts, select: str):
     scoped = Scoped(session, tenant)
     job = scoped.get(Job, job_id, "fine-tuning job")
     ckpt = pick_checkpoint(session, scoped, job, select)
-    response = adapter_response(artifacts, job, ckpt)
-    session.close()  # the file streams after this: its connection goes back to the pool first
-    return response
+    return adapter_response(artifacts, job, ckpt)
 
 
 @router.get("/checkpoints/{checkpoint_id}/adapter", summary="Download a checkpoint's adapter",
@@ -320,8 +318,6 @@ def _checkpoint_adapter(checkpoint_id: str, session, tenant, artifacts):
 
     scoped = Scoped(session, tenant)
     ckpt = scoped.get(Checkpoint, checkpoint_id, "checkpoint")
-    response = adapter_response(artifacts, scoped.get(Job, ckpt.job_id, "fine-tuning job"), ckpt)
-    session.close()  # the file streams after this: its connection goes back to the pool first
-    return response
+    return adapter_response(artifacts, scoped.get(Job, ckpt.job_id, "fine-tuning job"), ckpt)
 
 

@@ -355,6 +355,42 @@ def test_file_content_is_streamed_not_read_whole(client, alice, monkeypatch):
     assert r.headers["content-length"] == str(len(data))
 
 
+def test_a_slow_reader_of_a_download_holds_no_database_connection(settings):
+    """A client that reads a download slowly (here: not at all, after the status line) keeps the
+    response streaming; its request's database connection must be back in the pool meanwhile.
+    It used to be held until the last byte was sent: 50 such readers took every connection, and
+    every request after them waited 10 s for one and failed."""
+    import socket
+
+    from store.db import session_factory
+
+    with served(settings) as (url, changed):
+        key = make_tenant(changed, "carol")
+        with httpx.Client(base_url=url, timeout=30) as http:
+            r = http.post("/v1/files", headers=h(key), data={"purpose": "fine-tune"},
+                          files={"file": ("t.jsonl", jsonl(QA_LINES))})
+            assert r.status_code == 200, r.text
+            fid = r.json()["id"]
+        with session_scope(changed) as s:  # far more than the socket buffers take
+            path = changed.artifacts_dir / s.query(StoredFile).filter_by(id=fid).one().storage_path
+        path.write_bytes(b"x" * (64 << 20))
+        pool = session_factory(changed).kw["bind"].pool
+        readers = []
+        for _ in range(3):
+            reader = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.sendall(f"GET /v1/files/{fid}/content HTTP/1.1\r\nHost: x\r\n"
+                           f"Authorization: {h(key)['Authorization']}\r\n\r\n".encode())
+            assert reader.recv(12) == b"HTTP/1.1 200"
+            readers.append(reader)
+        time.sleep(0.5)
+        try:
+            assert pool.checkedout() == 0
+        finally:
+            for reader in readers:
+                reader.close()
+
+
 def test_missing_content_is_404_not_500(client, alice, settings):
     fid = upload(client, alice).json()["id"]
     for p in stored(settings)[1]:
