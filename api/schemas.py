@@ -33,11 +33,12 @@ PageLimit = Annotated[int, Query(ge=1, le=100, description="Objects per page, 1 
 TextFilter = Annotated[str | None, Query(pattern=NO_CONTROL_CHARS)]
 # OpenAI's metadata limits. Spelled out for the document too: pydantic would put the key pattern
 # in patternProperties, which leaves other keys unchecked in JSON Schema.
+METADATA_PAIRS = 16
 Metadata = Annotated[
     dict[Annotated[str, Field(max_length=64, pattern=NO_CONTROL_CHARS)],
          Annotated[str, Field(max_length=512, pattern=NO_CONTROL_CHARS)]],
-    Field(max_length=16),
-    WithJsonSchema({"type": "object", "maxProperties": 16,
+    Field(max_length=METADATA_PAIRS),
+    WithJsonSchema({"type": "object", "maxProperties": METADATA_PAIRS,
                     "propertyNames": {"maxLength": 64, "pattern": NO_CONTROL_CHARS},
                     "additionalProperties": {"type": "string", "maxLength": 512,
                                              "pattern": NO_CONTROL_CHARS}})]
@@ -59,6 +60,11 @@ async def metadata_filters(request: Request) -> dict[str, str]:
                                     "at most 512, neither with control characters.",
                                param=name, code="invalid_value")
             filters[key] = value
+    if len(filters) > METADATA_PAIRS:
+        # More could never match (a job carries at most that many pairs), and each is another
+        # condition: about 1,000 made SQLite refuse the query, which read as a database outage.
+        raise APIError(400, f"At most {METADATA_PAIRS} metadata filters, one per key; got "
+                            f"{len(filters)}.", param="metadata", code="invalid_value")
     return filters
 
 
@@ -66,7 +72,7 @@ async def metadata_filters(request: Request) -> dict[str, str]:
 metadata_filters.openapi_parameters = [{
     "name": "metadata", "in": "query", "style": "deepObject", "explode": True,
     "description": "Only jobs whose metadata holds every pair given: metadata[team]=search.",
-    "schema": {"type": "object",
+    "schema": {"type": "object", "maxProperties": METADATA_PAIRS,
                "propertyNames": {"minLength": 1, "maxLength": 64, "pattern": NO_CONTROL_CHARS},
                "additionalProperties": {"type": "string", "maxLength": 512,
                                         "pattern": NO_CONTROL_CHARS}}}]
