@@ -107,15 +107,17 @@ def allowed_methods(req: Request) -> list[str]:
 
 
 def _http_handler(req: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kinds = {401: "authentication_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error"}
+    # The client's mistake (a malformed multipart form, say, which Starlette answers 400) is an
+    # invalid request, as in OpenAI's envelope; only a 5xx is ours.
+    kind = ("authentication_error" if exc.status_code == 401 else "rate_limit_error"
+            if exc.status_code == 429 else "invalid_request_error"
+            if 400 <= exc.status_code < 500 else "api_error")
     headers = dict(getattr(exc, "headers", None) or {})
     message = str(exc.detail)
     if exc.status_code == 405:
         headers["Allow"] = ", ".join(allowed_methods(req))
         message = f"{req.method} is not allowed here; the Allow header lists what is."
-    return envelope(exc.status_code, message, kinds.get(exc.status_code, "api_error"),
-                    headers=headers or None)
+    return envelope(exc.status_code, message, kind, headers=headers or None)
 
 
 def _api_handler(_req: Request, exc: APIError) -> JSONResponse:

@@ -70,9 +70,16 @@ def _check_storage_quota(session: Session, tenant_id: str, size: int, settings) 
                        code="quota_storage_bytes")
 
 
+# One file and a few short fields (purpose; OpenAI's SDK may add expires_after[...]). Starlette's
+# defaults (1,000 files, 1,000 fields, each part up to 1 MB in memory) let one request pin
+# hundreds of MB while its form was parsed.
+UPLOAD_FORM_LIMITS = {"max_files": 1, "max_fields": 8, "max_part_size": 1024}
+
+
 @router.post("", response_model=FileObject, summary="Upload a JSONL file",
              responses={413: {"description": "File over max_upload_bytes"},
-                        429: {"description": "Storage quota (max_storage_bytes) exceeded"}})
+                        429: {"description": "Storage quota (max_storage_bytes) exceeded"}},
+             form_limits=UPLOAD_FORM_LIMITS)
 async def upload_file(file: UploadFile, session: SessionDep, tenant: CurrentTenant,
                       artifacts: ArtifactsDep, settings: SettingsDep, idem: IdempotencyDep,
                       purpose: str = Form(..., json_schema_extra={"enum": list(PURPOSES)})):

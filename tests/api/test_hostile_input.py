@@ -264,6 +264,15 @@ CASES = [
          **up(jsonl(QA_LINES), purpose="assistants")),
     Case("upload-purpose-nul", "POST", "/v1/files", **up(jsonl(QA_LINES), purpose="fine-tune\x00")),
     Case("upload-as-json-body", "POST", "/v1/files", json={"file": "x", "purpose": "fine-tune"}),
+    # Each extra part was parsed and held (up to 1 MB each in memory) before the route ran.
+    Case("upload-three-file-parts", "POST", "/v1/files", data={"purpose": "fine-tune"},
+         files=[("file", ("a.jsonl", jsonl(QA_LINES))), ("file", ("b.jsonl", jsonl(QA_LINES))),
+                ("other", ("c.jsonl", jsonl(QA_LINES)))]),
+    Case("upload-200-fields", "POST", "/v1/files",
+         data={"purpose": "fine-tune", **{f"f{i}": "x" for i in range(200)}},
+         files={"file": ("t.jsonl", jsonl(QA_LINES))}),
+    Case("upload-purpose-4k", "POST", "/v1/files", data={"purpose": "p" * 4096},
+         files={"file": ("t.jsonl", jsonl(QA_LINES))}),
     Case("upload-broken-multipart", "POST", "/v1/files", content=b"--zz\r\nnot a part",
          headers={"Content-Type": "multipart/form-data; boundary=zz"}),
     Case("upload-multipart-no-boundary", "POST", "/v1/files", content=b"whatever",
@@ -450,6 +459,7 @@ def test_hostile_request_is_4xx_in_the_envelope_and_changes_nothing(world, case)
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str) and error["message"] and error["type"]
+    assert error["type"] != "api_error", error  # a client's mistake, not the server's fault
     assert database_rows(settings) == rows
     assert stored_files(settings) == files
 
