@@ -8,6 +8,7 @@ import re
 
 import anyio.to_thread
 from fastapi import FastAPI
+from starlette._utils import get_route_path
 from starlette.datastructures import Headers
 
 from api import errors, openapi
@@ -66,7 +67,8 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        upload = scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/files"
+        # The route's own path: behind a proxy prefix (--root-path) scope["path"] carries it.
+        upload = scope.get("method") == "POST" and get_route_path(scope).rstrip("/") == "/v1/files"
         if upload:
             limit, error = self.max_upload_bytes + self.SLACK, {
                 "message": f"File exceeds the upload limit of {self.max_upload_bytes} bytes.",

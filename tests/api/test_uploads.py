@@ -48,13 +48,15 @@ def app_with(settings, **limits):
 
 
 @contextmanager
-def served(settings, **limits):
+def served(settings, root_path: str = "", **limits):
     """The app under a real uvicorn (in a thread of this process), for chunked bodies and for
-    measuring what the server allocates while a client streams a file from disk."""
+    measuring what the server allocates while a client streams a file from disk. `root_path`:
+    served as behind a proxy that strips that prefix (uvicorn puts it back in the path)."""
     changed = settings.model_copy(update={"rate_limit_per_minute": 0, **limits})
     migrate(changed)
     server = uvicorn.Server(uvicorn.Config(create_app(changed), host="127.0.0.1",
-                                           port=free_port(), log_level="warning"))
+                                           port=free_port(), log_level="warning",
+                                           root_path=root_path))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -588,3 +590,19 @@ def test_a_line_past_the_limit_of_one_example_is_400_without_being_held(settings
     assert f"line 2: longer than {MAX_LINE_BYTES} bytes" in message and "line 3" not in message
     assert peak < size / 3, f"peak {peak} bytes while uploading {size}"
     assert stored(s) == (0, [])
+
+
+def test_uploads_keep_their_limit_behind_a_path_prefix(settings):
+    """Served under a prefix (uvicorn --root-path /api), the request's path carries it: the body
+    limiter took /api/v1/files for a JSON route, so a 2 MB upload got the 1 MB JSON limit and
+    skipped the early key check."""
+    data = qa_file(40_000)
+    assert len(data) > 2 * settings.max_json_body_bytes
+    with served(settings, root_path="/api") as (url, changed):
+        key = make_tenant(changed, "carol")
+        with httpx.Client(base_url=url, timeout=60) as http:
+            r = http.post("/v1/files", headers=h(key), data={"purpose": "fine-tune"},
+                          files={"file": ("t.jsonl", data)})
+            assert r.status_code == 200, r.text
+            assert http.get(f"/v1/files/{r.json()['id']}/content",
+                            headers=h(key)).content == data
