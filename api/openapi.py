@@ -64,8 +64,8 @@ DESCRIPTIONS = {
     413: "Request body too large",
     415: "Request body sent as an unsupported media type",
     422: "Idempotency-Key already used with a different request",
-    429: "Rate limit (rate_limit_exceeded) or quota (quota_running_jobs, quota_storage_bytes) "
-         "exceeded",
+    429: "Rate limit (rate_limit_exceeded) or quota (quota_running_jobs, quota_storage_bytes, "
+         "quota_webhook_endpoints) exceeded",
     500: "Internal error",
     503: "A service this route needs is unreachable",
 }

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(10, ge=0)
     webhook_allow_private: bool = Field(False, description="Allow webhook URLs on loopback, "
                                         "private and link-local addresses (tests, closed nets).")
+    max_webhook_endpoints: int = Field(16, ge=1, description="Webhook endpoints one tenant may "
+                                       "register: each job ending is one delivery per endpoint.")
     webhook_deadline_seconds: float = Field(10.0, gt=0, description="Wall-clock limit of one "
                                             "webhook delivery, connect to status line.")
 

@@ -9,7 +9,8 @@ run at once:
 - a job queued for over `lost_message_after_seconds` since its message was sent, whose message
   the broker holds neither waiting nor delivered (a worker died taking it), has it forgotten
   too, so the relay sends it one (`resend_lost_messages`);
-- expired idempotency records are purged.
+- expired idempotency records are purged, and so, once an hour, are webhook deliveries that
+  ended (delivered or given up) over a week ago.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sqlalchemy import delete, select, update
 
 from store.db import session_scope
 from store.jobstate import JobStatus, event_values, transition
-from store.models import IdempotencyRecord, Job, JobEvent
+from store.models import IdempotencyRecord, Job, JobEvent, WebhookDelivery
 from store.queue import BrokerWatch
 from store.settings import Settings
 from worker.lifecycle import latest_checkpoint_step
@@ -139,6 +140,26 @@ def purge_idempotency(settings: Settings) -> None:
             IdempotencyRecord.created_at < time.time() - settings.idempotency_ttl_seconds))
 
 
+DELIVERIES_KEPT_S = 7 * 24 * 3600.0  # an ended delivery's row, for looking into a complaint
+PURGE_DELIVERIES_EVERY_S = 3600.0  # the purge reads the whole table: rarely
+_next_delivery_purge = 0.0
+
+
+def purge_webhook_deliveries(settings: Settings, *, now: float | None = None) -> int:
+    """Delete deliveries that ended over DELIVERIES_KEPT_S ago (each holds its whole event):
+    without this the table grew by one row per endpoint per job ending, forever."""
+    global _next_delivery_purge
+    now = time.time() if now is None else now
+    if now < _next_delivery_purge:
+        return 0
+    _next_delivery_purge = now + PURGE_DELIVERIES_EVERY_S
+    cutoff, D = now - DELIVERIES_KEPT_S, WebhookDelivery
+    with session_scope(settings) as s:
+        return s.execute(delete(D).where((D.delivered_at < cutoff)
+                                         | (D.gave_up & (D.next_attempt_at < cutoff)))
+                         .execution_options(synchronize_session=False)).rowcount
+
+
 def reap_once(settings: Settings, watch: BrokerWatch | None = None) -> None:
     requeue_stale(settings)
     if watch is not None and watch.lost_messages():
@@ -153,6 +174,7 @@ def reap_once(settings: Settings, watch: BrokerWatch | None = None) -> None:
     elif watch is not None:
         resend_lost_messages(settings, watch)
     purge_idempotency(settings)
+    purge_webhook_deliveries(settings)
 
 
 def start_reaper(settings: Settings, every_s: float = 5.0) -> threading.Thread:

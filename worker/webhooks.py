@@ -2,14 +2,17 @@
 
 Signature: headers `driftsafe-timestamp` (Unix seconds) and `driftsafe-signature: v1=<hex>`; a
 receiver recomputes HMAC-SHA256(secret, f"{timestamp}.{body}") and rejects old timestamps to stop
-replays. Failures back off exponentially (10 s, 20 s, 40 s, ... capped at an hour) up to
-MAX_ATTEMPTS.
+replays. The body is the event with the delivery's `id` (also in `driftsafe-delivery`), the
+same on every retry: delivery is at least once (a sender that dies, or cannot record an outcome
+before its lease ends, leaves the row to be sent again), so receivers drop ids they have seen.
+Failures back off exponentially (10 s, 20 s, 40 s, ... capped at an hour) up to MAX_ATTEMPTS.
 
 An endpoint cannot hurt the service:
 - rows are claimed before sending (SELECT ... FOR UPDATE SKIP LOCKED, then leased by pushing
   next_attempt_at past the deadline), so two workers never send the same row; no transaction is
   open while sending; a sender that dies mid-batch leaves its rows to be retried when the lease
-  ends;
+  ends; a batch takes at most PER_TENANT rows of one tenant, so one tenant's dead endpoints
+  cannot fill it;
 - a batch is sent concurrently, each delivery under a wall-clock deadline from DNS lookup to
   status line (`settings.webhook_deadline_seconds`), so one hanging or trickling endpoint delays
   nobody else and a pass ends within about one deadline;
@@ -32,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from store.db import session_scope
 from store.models import WebhookDelivery, WebhookEndpoint
@@ -41,6 +44,7 @@ from store.settings import Settings
 
 MAX_ATTEMPTS = 8
 BATCH = 20
+PER_TENANT = 4  # of a batch, so that at least five tenants' deliveries go in every pass
 LEASE_MARGIN_S = 30.0  # on top of the deadline: time to record the outcome after sending
 log = logging.getLogger(__name__)
 # Lookups run on threads of their own, not asyncio's default pool: asyncio.run() waits for that
@@ -61,6 +65,10 @@ class Claimed:
     secret: str
 
 
+def delivery_id(row_id: int) -> str:
+    return f"whdel_{row_id}"
+
+
 def sign(secret: str, timestamp: int, body: bytes) -> str:
     mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
     return "v1=" + mac.hexdigest()
@@ -79,7 +87,13 @@ def claim_due(settings: Settings, limit: int = BATCH) -> list[Claimed]:
     # runs one writer at a time, and this is a single UPDATE, so claims cannot interleave there).
     # Spelled as the partial index's predicate (NOT gave_up, not "gave_up IS false"), or
     # PostgreSQL does not use ix_webhook_deliveries_due.
-    due = (select(D.id).where(D.delivered_at.is_(None), ~D.gave_up, D.next_attempt_at <= now)
+    # Each tenant's PER_TENANT oldest due rows at most: a batch waits for its slowest delivery,
+    # so one tenant's backlog of endpoints that never answer would otherwise fill every batch
+    # and hold everyone else's deliveries behind it.
+    turns = (select(D.id, func.row_number().over(partition_by=D.tenant_id,
+                                                 order_by=D.next_attempt_at).label("turn"))
+             .where(D.delivered_at.is_(None), ~D.gave_up, D.next_attempt_at <= now).subquery())
+    due = (select(D.id).where(D.id.in_(select(turns.c.id).where(turns.c.turn <= PER_TENANT)))
            .order_by(D.next_attempt_at).limit(limit).with_for_update(skip_locked=True))
     with session_scope(settings) as s:
         rows = s.execute(update(D).where(D.id.in_(due.scalar_subquery()))
@@ -119,11 +133,15 @@ async def _lookup(item: Claimed, allow_private: bool) -> Target:
 async def _post(client: httpx.AsyncClient, item: Claimed, allow_private: bool) -> tuple[bool, str]:
     target = await _lookup(item, allow_private)
     url, headers, extensions = pinned_request(target)
-    body = json.dumps(item.payload, separators=(",", ":")).encode()
+    # The delivery's id, inside what is signed: a retry carries the same one, so a receiver
+    # drops what it already has (delivery is at least once).
+    body = json.dumps({"id": delivery_id(item.id), **item.payload},
+                      separators=(",", ":")).encode()
     ts = int(time.time())
     headers.update({"content-type": "application/json", "driftsafe-timestamp": str(ts),
                     "driftsafe-signature": sign(item.secret, ts, body),
-                    "driftsafe-event": item.event, "driftsafe-delivery": str(item.id)})
+                    "driftsafe-event": item.event,
+                    "driftsafe-delivery": delivery_id(item.id)})
     # stream(): returns once the status line and headers are in; leaving the block closes the
     # connection without reading a byte of the body.
     async with client.stream("POST", url, content=body, headers=headers,
@@ -159,22 +177,33 @@ async def deliver_all(items: list[Claimed], settings: Settings) -> list[tuple[bo
 
 
 def record(settings: Settings, items: list[Claimed], outcomes: list[tuple[bool, str]]) -> None:
-    D, now = WebhookDelivery, time.time()
-    with session_scope(settings) as s:
-        for item, (ok, why) in zip(items, outcomes):
-            if ok:
-                values = {"delivered_at": now, "last_error": None}
-            else:
-                values = {"last_error": why[:500], "gave_up": item.attempts >= MAX_ATTEMPTS,
-                          "next_attempt_at": now + backoff_seconds(item.attempts)}
-                log.info("webhook %s (delivery %s) to %s failed (%s), attempt %d", item.event,
-                         item.id, item.url, why, item.attempts)
-            # Guarded on our lease: if it ran out and another sender took the row, theirs counts.
-            done = s.execute(update(D).where(D.id == item.id, D.next_attempt_at == item.lease)
-                             .values(**values).execution_options(synchronize_session=False))
-            if done.rowcount != 1:
-                log.warning("webhook delivery %s: lease lost before its outcome was recorded",
-                            item.id)
+    """Write the outcomes, riding out a database blip for as long as the rows' lease allows:
+    outcomes lost to an outage make their rows due again when the lease ends, and a delivery
+    that had arrived is sent again (at least once; the body's id is the same)."""
+    from worker.runner import with_db_retry
+
+    def write() -> None:
+        D, now = WebhookDelivery, time.time()
+        with session_scope(settings) as s:
+            for item, (ok, why) in zip(items, outcomes):
+                if ok:
+                    values = {"delivered_at": now, "last_error": None}
+                else:
+                    values = {"last_error": why[:500], "gave_up": item.attempts >= MAX_ATTEMPTS,
+                              "next_attempt_at": now + backoff_seconds(item.attempts)}
+                # Guarded on our lease: if it ran out and another sender took the row, theirs
+                # counts.
+                done = s.execute(update(D).where(D.id == item.id, D.next_attempt_at == item.lease)
+                                 .values(**values).execution_options(synchronize_session=False))
+                if done.rowcount != 1:
+                    log.warning("webhook delivery %s: lease lost before its outcome was recorded",
+                                item.id)
+
+    with_db_retry(write, "webhook outcomes", give_up_after_s=LEASE_MARGIN_S)
+    for item, (ok, why) in zip(items, outcomes):
+        if not ok:  # the host only: a URL's path or query may carry the receiver's token
+            log.info("webhook %s (delivery %s) to %s failed (%s), attempt %d", item.event,
+                     item.id, httpx.URL(item.url).host, why, item.attempts)
 
 
 def send_due(settings: Settings, limit: int = BATCH) -> int:

@@ -7,6 +7,7 @@ import secrets
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import func, select
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep
 from api.errors import APIError
@@ -46,6 +47,17 @@ async def create_webhook(body: WebhookCreate, session: SessionDep, tenant: Curre
     await _check_url(body.url, tenant.id, settings)
 
     def produce() -> JSONResponse:
+        scoped = Scoped(session, tenant)
+        scoped.take_turns()  # concurrent registrations cannot overshoot the cap
+        registered = session.scalar(select(func.count()).select_from(WebhookEndpoint)
+                                    .where(WebhookEndpoint.tenant_id == tenant.id))
+        if registered >= settings.max_webhook_endpoints:
+            # Each endpoint is one delivery per job ending: uncapped, one tenant's endpoints
+            # that never answer would fill every sender's batches.
+            raise APIError(429, f"This organization already has {registered} webhook endpoints; "
+                                f"the limit is max_webhook_endpoints="
+                                f"{settings.max_webhook_endpoints}. Delete one first.",
+                           type="rate_limit_error", code="quota_webhook_endpoints")
         secret = "whsec_" + secrets.token_urlsafe(32)
         row = WebhookEndpoint(tenant_id=tenant.id, url=body.url, secret=secret,
                               events=body.events or ALL_EVENTS)

@@ -502,7 +502,8 @@ def test_concurrent_senders_deliver_each_row_exactly_once(tmp_path, kind):
                 t.start()
             for t in threads:
                 t.join(60)
-        sent = [int(headers["driftsafe-delivery"]) for _, headers, _ in server.got]
+        sent = [int(headers["driftsafe-delivery"].removeprefix("whdel_"))
+                for _, headers, _ in server.got]
         assert sorted(sent) == sorted(ids)  # every row once: none twice, none missed
         assert sum(claimed) == len(ids)
         rows = delivery_rows(settings)
@@ -525,3 +526,102 @@ def test_a_sender_that_dies_mid_delivery_leaves_the_row_for_after_its_lease(tmp_
     record(settings, [second], [(False, "HTTP 500")])
     row = delivery_rows(settings)[delivery]
     assert row.delivered_at is None and row.last_error == "HTTP 500" and row.attempts == 2
+
+
+# --- 5. One tenant cannot crowd out the others ---------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
+def test_a_batch_takes_a_few_rows_of_each_tenant_not_one_tenants_backlog(tmp_path, kind):
+    """A batch waits for its slowest delivery: one tenant's backlog of deliveries to endpoints
+    that never answer filled every batch, oldest first, and another tenant's delivery waited
+    behind all of it."""
+    from worker.webhooks import PER_TENANT
+
+    settings = make_settings(tmp_path, kind)
+    try:
+        flood = add_deliveries(settings, ["https://flood.example/h"] * 30, tenant="mallory")
+        [other] = add_deliveries(settings, ["https://other.example/h"], tenant="bob")
+        claimed = [c.id for c in claim_due(settings, limit=20)]
+        assert other in claimed
+        assert {c for c in claimed if c in flood} == set(flood[:PER_TENANT])  # its oldest
+    finally:
+        if kind == "postgresql":
+            drop_database(settings)
+
+
+def test_a_tenant_registers_at_most_max_webhook_endpoints(tmp_path, dns):
+    settings = make_settings(tmp_path, max_webhook_endpoints=2)
+    dns.answers["hooks.example.com"] = ["93.184.216.34"]
+    with TestClient(create_app(settings)) as client:
+        alice, bob = make_tenant(settings, "alice"), make_tenant(settings, "bob")
+        url = {"url": "https://hooks.example.com/h"}
+        assert [client.post("/v1/webhooks", headers=h(alice), json=url).status_code
+                for _ in range(2)] == [200, 200]
+        r = client.post("/v1/webhooks", headers=h(alice), json=url)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_webhook_endpoints"
+        assert "max_webhook_endpoints=2" in r.json()["error"]["message"]
+        assert client.post("/v1/webhooks", headers=h(bob), json=url).status_code == 200
+        first = client.get("/v1/webhooks", headers=h(alice)).json()["data"][0]["id"]
+        assert client.delete(f"/v1/webhooks/{first}", headers=h(alice)).status_code == 200
+        assert client.post("/v1/webhooks", headers=h(alice), json=url).status_code == 200
+
+
+# --- 6. At least once, and receivers can tell ----------------------------------------------------
+
+def test_a_database_blip_while_recording_loses_no_outcome(tmp_path, monkeypatch, caplog):
+    """The outcomes of a sent batch are written in one transaction; a blip there lost them all,
+    and every delivered row was sent again when its lease ended. It is retried within the lease.
+    The body carries the delivery's id, under the signature; the log names the host only (a
+    URL's path or query may carry the receiver's token)."""
+    import json
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    import worker.webhooks as webhooks
+
+    settings = make_settings(tmp_path, webhook_allow_private=True)
+    real, calls = webhooks.session_scope, []
+
+    def blip_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the claim is the first; the outcomes the second
+            raise OperationalError("UPDATE webhook_deliveries", {}, ConnectionError("reset"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(webhooks, "session_scope", blip_once)
+    with receiver() as server:
+        port = server.server_port
+        ok, failed = add_deliveries(settings, [f"http://127.0.0.1:{port}/h",
+                                               "http://127.0.0.1:9/h?token=s3cret"])
+        with caplog.at_level(logging.INFO, logger="worker.webhooks"):
+            assert send_due(settings) == 2
+    rows = delivery_rows(settings)
+    assert rows[ok].delivered_at is not None and rows[ok].attempts == 1
+    assert rows[failed].delivered_at is None and rows[failed].last_error
+    [(_, headers, body)] = server.got
+    assert json.loads(body)["id"] == headers["driftsafe-delivery"] == f"whdel_{ok}"
+    assert "127.0.0.1" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_ended_deliveries_are_purged_after_a_week_and_pending_ones_never(tmp_path, monkeypatch):
+    import worker.reaper as reaper
+
+    settings = make_settings(tmp_path)
+    week, now = reaper.DELIVERIES_KEPT_S, time.time()
+    ids = add_deliveries(settings, ["https://x.example/h"] * 5)
+    ended = {ids[0]: dict(delivered_at=now - week - 60), ids[1]: dict(delivered_at=now - 60),
+             ids[2]: dict(gave_up=True, next_attempt_at=now - week - 60),
+             ids[3]: dict(gave_up=True, next_attempt_at=now - 60),
+             ids[4]: dict(next_attempt_at=now - week - 60)}  # still to be sent: kept
+    with session_scope(settings) as s:
+        for row_id, values in ended.items():
+            s.query(WebhookDelivery).filter_by(id=row_id).update(values)
+    monkeypatch.setattr(reaper, "_next_delivery_purge", 0.0)
+    assert reaper.purge_webhook_deliveries(settings, now=now) == 2
+    assert sorted(delivery_rows(settings)) == [ids[1], ids[3], ids[4]]
+    # at most once an hour: the purge reads the whole table
+    with session_scope(settings) as s:
+        s.query(WebhookDelivery).filter_by(id=ids[1]).update({"delivered_at": now - 2 * week})
+    assert reaper.purge_webhook_deliveries(settings, now=now + 60) == 0
+    assert reaper.purge_webhook_deliveries(settings, now=now + 3601) == 1
