@@ -3,7 +3,9 @@
 A verified key is trusted for `key_cache_seconds` without touching the database, so an
 authenticated read costs the one query that reads what was asked for. The price is that a revoked
 key keeps working on an API process for at most that long (the setting says so). Unknown keys are
-remembered briefly too, so a flood of bad keys does not become a flood of queries.
+remembered briefly too, so a flood of bad keys does not become a flood of queries. Known and
+unknown keys are kept apart, each bounded, oldest out first: a flood of random keys used to clear
+the whole cache, sending every valid key's next request to the database too.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from store.keys import hash_key, tenant_for_digest
 
 NEGATIVE_TTL_S = 5.0
-MAX_CACHED_KEYS = 10_000
+MAX_CACHED_KEYS = 10_000  # of each kind: known keys, unknown keys
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class TenantRef:
 class KeyCache:
     def __init__(self, secret: bytes, ttl_s: float):
         self.secret, self.ttl_s = secret, ttl_s
-        self._entries: dict[str, tuple[TenantRef | None, float]] = {}
+        self._known: dict[str, tuple[TenantRef, float]] = {}
+        self._unknown: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def digest(self, clear_key: str) -> str:
@@ -38,9 +41,12 @@ class KeyCache:
 
     def cached(self, digest: str) -> tuple[bool, TenantRef | None]:
         """(found in the cache, its tenant): no database, safe on the event loop."""
-        hit = self._entries.get(digest)
-        if hit is not None and hit[1] > time.monotonic():
-            return True, hit[0]
+        now = time.monotonic()
+        known = self._known.get(digest)
+        if known is not None and known[1] > now:
+            return True, known[0]
+        if self._unknown.get(digest, 0.0) > now:
+            return True, None
         return False, None
 
     def load(self, session_factory, digest: str) -> TenantRef | None:
@@ -50,11 +56,24 @@ class KeyCache:
         tenant = TenantRef(row.id, row.name) if row else None
         ttl = self.ttl_s if tenant is not None else min(self.ttl_s, NEGATIVE_TTL_S)
         if ttl > 0:
+            expires = time.monotonic() + ttl
             with self._lock:
-                if len(self._entries) >= MAX_CACHED_KEYS:
-                    self._entries.clear()  # crude but bounded; refills at one query per key
-                self._entries[digest] = (tenant, time.monotonic() + ttl)
+                if tenant is not None:
+                    self._unknown.pop(digest, None)
+                    _remember(self._known, digest, (tenant, expires))
+                else:
+                    self._known.pop(digest, None)
+                    _remember(self._unknown, digest, expires)
         return tenant
+
+
+def _remember(entries: dict, key: str, value) -> None:
+    """Insert at the newest end, dropping the oldest entries over MAX_CACHED_KEYS (dicts keep
+    insertion order)."""
+    entries.pop(key, None)
+    while len(entries) >= MAX_CACHED_KEYS:
+        del entries[next(iter(entries))]
+    entries[key] = value
 
 
 class RateLimiter:

@@ -443,3 +443,37 @@ def test_json_columns_take_non_finite_floats_and_lone_surrogate_escapes(client, 
     assert one.json()["evaluation"]["new_fact_accuracy"] == 0.5
     listed = client.get("/v1/fine_tuning/jobs", headers=h(alice))
     assert listed.status_code == 200 and listed.json()["data"][0]["id"] == job_id
+
+
+def test_a_flood_of_unknown_keys_does_not_evict_the_known_ones(monkeypatch):
+    """Unknown keys are cached too (a flood of bad keys is not a flood of queries), but the cache
+    used to be one bounded dict, cleared whole when full: 10,000 random keys sent every valid
+    key back to the database. Known and unknown keys are now kept apart, oldest out first."""
+    from types import SimpleNamespace
+
+    import api.auth as auth
+
+    lookups = []
+
+    def tenant_for_digest(_session, digest):
+        lookups.append(digest)
+        return SimpleNamespace(id="t1", name="alice") if digest == "good" else None
+
+    class NoSession:
+        def __enter__(self):
+            return None
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(auth, "tenant_for_digest", tenant_for_digest)
+    monkeypatch.setattr(auth, "MAX_CACHED_KEYS", 100)
+    cache = auth.KeyCache(b"secret", ttl_s=30)
+    assert cache.cached("good") == (False, None)
+    assert cache.load(NoSession, "good").id == "t1"
+    for i in range(1000):  # ten times the bound
+        assert cache.load(NoSession, f"bad-{i}") is None
+    assert cache.cached("good")[0] and cache.cached("good")[1].name == "alice"
+    assert cache.cached("bad-999") == (True, None)  # the newest unknown keys are remembered
+    assert cache.cached("bad-0") == (False, None)  # the oldest made room
+    assert len(lookups) == 1001
