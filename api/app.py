@@ -79,7 +79,7 @@ class BodyLimit:
                            "for this route; send a smaller body.", "code": "request_too_large"}
         headers = Headers(scope=scope)
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
             return await _reject(send, 413, error)
         if upload:
             # The key first: FastAPI parses a form (spooling it to disk) before it resolves the

@@ -152,12 +152,13 @@ def purge_webhook_deliveries(settings: Settings, *, now: float | None = None) ->
     now = time.time() if now is None else now
     if now < _next_delivery_purge:
         return 0
-    _next_delivery_purge = now + PURGE_DELIVERIES_EVERY_S
     cutoff, D = now - DELIVERIES_KEPT_S, WebhookDelivery
     with session_scope(settings) as s:
-        return s.execute(delete(D).where((D.delivered_at < cutoff)
-                                         | (D.gave_up & (D.next_attempt_at < cutoff)))
-                         .execution_options(synchronize_session=False)).rowcount
+        purged = s.execute(delete(D).where((D.delivered_at < cutoff)
+                                           | (D.gave_up & (D.next_attempt_at < cutoff)))
+                           .execution_options(synchronize_session=False)).rowcount
+    _next_delivery_purge = now + PURGE_DELIVERIES_EVERY_S  # once done: a failed one goes again
+    return purged
 
 
 def reap_once(settings: Settings, watch: BrokerWatch | None = None) -> None:

@@ -2,10 +2,11 @@
 
 Signature: headers `driftsafe-timestamp` (Unix seconds) and `driftsafe-signature: v1=<hex>`; a
 receiver recomputes HMAC-SHA256(secret, f"{timestamp}.{body}") and rejects old timestamps to stop
-replays. The body is the event with the delivery's `id` (also in `driftsafe-delivery`), the
-same on every retry: delivery is at least once (a sender that dies, or cannot record an outcome
-before its lease ends, leaves the row to be sent again), so receivers drop ids they have seen.
-Failures back off exponentially (10 s, 20 s, 40 s, ... capped at an hour) up to MAX_ATTEMPTS.
+replays. The body is the event with the delivery's `id` (`whdel_<n>`; the `driftsafe-delivery`
+header carries the same n, as it always has), the same on every retry: delivery is at least once
+(a sender that dies, or cannot record an outcome before its lease ends, leaves the row to be sent
+again), so receivers drop ids they have seen. Failures back off exponentially (10 s, 20 s, 40 s,
+... capped at an hour) up to MAX_ATTEMPTS.
 
 An endpoint cannot hurt the service:
 - rows are claimed before sending (SELECT ... FOR UPDATE SKIP LOCKED, then leased by pushing
@@ -32,6 +33,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import httpx
@@ -90,10 +92,14 @@ def claim_due(settings: Settings, limit: int = BATCH) -> list[Claimed]:
     # Each tenant's PER_TENANT oldest due rows at most: a batch waits for its slowest delivery,
     # so one tenant's backlog of endpoints that never answer would otherwise fill every batch
     # and hold everyone else's deliveries behind it.
+    is_due = (D.delivered_at.is_(None), ~D.gave_up, D.next_attempt_at <= now)
     turns = (select(D.id, func.row_number().over(partition_by=D.tenant_id,
                                                  order_by=D.next_attempt_at).label("turn"))
-             .where(D.delivered_at.is_(None), ~D.gave_up, D.next_attempt_at <= now).subquery())
-    due = (select(D.id).where(D.id.in_(select(turns.c.id).where(turns.c.turn <= PER_TENANT)))
+             .where(*is_due).subquery())
+    # The due test again where the rows are locked: PostgreSQL re-checks a row that another
+    # sender leased meanwhile against this level's conditions only, not the subquery's.
+    due = (select(D.id).where(*is_due, D.id.in_(select(turns.c.id)
+                                                .where(turns.c.turn <= PER_TENANT)))
            .order_by(D.next_attempt_at).limit(limit).with_for_update(skip_locked=True))
     with session_scope(settings) as s:
         rows = s.execute(update(D).where(D.id.in_(due.scalar_subquery()))
@@ -140,8 +146,7 @@ async def _post(client: httpx.AsyncClient, item: Claimed, allow_private: bool) -
     ts = int(time.time())
     headers.update({"content-type": "application/json", "driftsafe-timestamp": str(ts),
                     "driftsafe-signature": sign(item.secret, ts, body),
-                    "driftsafe-event": item.event,
-                    "driftsafe-delivery": delivery_id(item.id)})
+                    "driftsafe-event": item.event, "driftsafe-delivery": str(item.id)})
     # stream(): returns once the status line and headers are in; leaving the block closes the
     # connection without reading a byte of the body.
     async with client.stream("POST", url, content=body, headers=headers,
@@ -208,10 +213,20 @@ def record(settings: Settings, items: list[Claimed], outcomes: list[tuple[bool, 
 
 def send_due(settings: Settings, limit: int = BATCH) -> int:
     """One pass: claim, send concurrently outside any transaction, record. Returns rows claimed."""
+    return len(_send_batch(settings, limit))
+
+
+def _send_batch(settings: Settings, limit: int = BATCH) -> list[Claimed]:
     items = claim_due(settings, limit)
     if items:
         record(settings, items, asyncio.run(deliver_all(items, settings)))
-    return len(items)
+    return items
+
+
+def more_may_be_due(items: list[Claimed], limit: int = BATCH) -> bool:
+    """A full batch, or one in which a tenant had all its turns: more may be waiting."""
+    return len(items) == limit or max(Counter(i.tenant_id for i in items).values(),
+                                      default=0) >= PER_TENANT
 
 
 def start_sender(settings: Settings, every_s: float = 2.0,
@@ -221,11 +236,11 @@ def start_sender(settings: Settings, every_s: float = 2.0,
     def loop():
         while not stop.is_set():
             try:
-                full = send_due(settings) == BATCH
+                more = more_may_be_due(_send_batch(settings))
             except Exception:  # noqa: BLE001 - a sender that dies silently would be worse
                 log.exception("webhook sender pass failed")
-                full = False
-            if not full:  # a full batch means more may be due: go again at once
+                more = False
+            if not more:  # go again at once while more may be due
                 stop.wait(every_s)
 
     thread = threading.Thread(target=loop, name="driftsafe-webhooks", daemon=True)

@@ -502,8 +502,7 @@ def test_concurrent_senders_deliver_each_row_exactly_once(tmp_path, kind):
                 t.start()
             for t in threads:
                 t.join(60)
-        sent = [int(headers["driftsafe-delivery"].removeprefix("whdel_"))
-                for _, headers, _ in server.got]
+        sent = [int(headers["driftsafe-delivery"]) for _, headers, _ in server.got]
         assert sorted(sent) == sorted(ids)  # every row once: none twice, none missed
         assert sum(claimed) == len(ids)
         rows = delivery_rows(settings)
@@ -547,6 +546,21 @@ def test_a_batch_takes_a_few_rows_of_each_tenant_not_one_tenants_backlog(tmp_pat
     finally:
         if kind == "postgresql":
             drop_database(settings)
+
+
+def test_the_sender_goes_again_at_once_while_a_tenant_had_all_its_turns():
+    """With a batch capped per tenant, one tenant's burst arrives PER_TENANT rows at a time: the
+    sender must not then wait its poll interval between batches, as it does when all is sent."""
+    from worker.webhooks import BATCH, PER_TENANT, Claimed, more_may_be_due
+
+    def batch(*tenants):
+        return [Claimed(i, t, "e", {}, 1, 0.0, "https://x.example/h", "s")
+                for i, t in enumerate(tenants)]
+
+    assert more_may_be_due(batch(*["burst"] * PER_TENANT))
+    assert more_may_be_due(batch(*["a", "b"] * (BATCH // 2)))  # a full batch
+    assert not more_may_be_due(batch(*["burst"] * (PER_TENANT - 1), "b"))
+    assert not more_may_be_due([])
 
 
 def test_a_tenant_registers_at_most_max_webhook_endpoints(tmp_path, dns):
@@ -600,7 +614,7 @@ def test_a_database_blip_while_recording_loses_no_outcome(tmp_path, monkeypatch,
     assert rows[ok].delivered_at is not None and rows[ok].attempts == 1
     assert rows[failed].delivered_at is None and rows[failed].last_error
     [(_, headers, body)] = server.got
-    assert json.loads(body)["id"] == headers["driftsafe-delivery"] == f"whdel_{ok}"
+    assert json.loads(body)["id"] == f"whdel_{ok}" and headers["driftsafe-delivery"] == str(ok)
     assert "127.0.0.1" in caplog.text and "s3cret" not in caplog.text
 
 
@@ -625,3 +639,24 @@ def test_ended_deliveries_are_purged_after_a_week_and_pending_ones_never(tmp_pat
         s.query(WebhookDelivery).filter_by(id=ids[1]).update({"delivered_at": now - 2 * week})
     assert reaper.purge_webhook_deliveries(settings, now=now + 60) == 0
     assert reaper.purge_webhook_deliveries(settings, now=now + 3601) == 1
+
+
+
+def test_a_purge_the_database_refused_is_tried_again_at_the_next_pass(tmp_path, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    import worker.reaper as reaper
+
+    settings = make_settings(tmp_path)
+    [row] = add_deliveries(settings, ["https://x.example/h"])
+    with session_scope(settings) as s:
+        s.query(WebhookDelivery).filter_by(id=row).update({"delivered_at": 1.0})
+    monkeypatch.setattr(reaper, "_next_delivery_purge", 0.0)
+    with monkeypatch.context() as m:
+        def down(_settings):
+            raise OperationalError("DELETE", {}, ConnectionError("down"))
+
+        m.setattr(reaper, "session_scope", down)
+        with pytest.raises(OperationalError):
+            reaper.purge_webhook_deliveries(settings, now=time.time())
+    assert reaper.purge_webhook_deliveries(settings, now=time.time() + 5) == 1
