@@ -122,8 +122,20 @@ def complete(app: FastAPI, doc: dict[str, Any]) -> dict[str, Any]:
         if f'"#/components/schemas/{name}"' not in _text(doc):
             schemas.pop(name, None)
     _known_models(app, schemas)
+    _closed_forms(doc, schemas)
     _links(doc)
     return doc
+
+
+def _closed_forms(doc: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """A form body takes its declared fields only (the route answers 400 to any other), so its
+    schema says additionalProperties: false."""
+    for operations in doc["paths"].values():
+        for operation in operations.values():
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            ref = (form or {}).get("schema", {}).get("$ref", "")
+            if ref.startswith("#/components/schemas/"):
+                schemas[ref.rsplit("/", 1)[1]]["additionalProperties"] = False
 
 
 def _complete_operation(route, operation: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ import hashlib
 import io
 from typing import BinaryIO
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, Form, Request, UploadFile
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -80,13 +80,31 @@ UPLOAD_FORM_LIMITS = {"max_files": 1, "max_fields": 8, "max_part_size": 1024}
              responses={413: {"description": "File over max_upload_bytes"},
                         429: {"description": "Storage quota (max_storage_bytes) exceeded"}},
              form_limits=UPLOAD_FORM_LIMITS)
-async def upload_file(file: UploadFile, session: SessionDep, tenant: CurrentTenant,
-                      artifacts: ArtifactsDep, settings: SettingsDep, idem: IdempotencyDep,
+async def upload_file(request: Request, file: UploadFile, session: SessionDep,
+                      tenant: CurrentTenant, artifacts: ArtifactsDep, settings: SettingsDep,
+                      idem: IdempotencyDep,
                       purpose: str = Form(..., json_schema_extra={"enum": list(PURPOSES)})):
+    _only_declared_fields(await request.form())  # parsed already: this is FastAPI's copy
     # Reading, validating and copying a large file holds a thread for seconds: not on the event
     # loop, and not on the few request threads (api.bulk).
     return await on_bulk_threads(settings, _store_upload, file, session, tenant, artifacts,
                                  settings, idem, purpose)
+
+
+UPLOAD_FIELDS = ("file", "purpose")
+
+
+def _only_declared_fields(form) -> None:
+    """An upload takes one `file` and one `purpose`: anything else would be silently dropped
+    (OpenAI's `expires_after`, say, which this service does not implement), and the document
+    says so (additionalProperties: false)."""
+    for name in dict.fromkeys(form.keys()):
+        if name not in UPLOAD_FIELDS:
+            raise APIError(400, f"Unknown form field {name!r}: an upload takes 'file' and "
+                                "'purpose' only.", param=name, code="unknown_parameter")
+        if len(form.getlist(name)) > 1:
+            raise APIError(400, f"The form field {name!r} is given more than once.",
+                           param=name, code="invalid_value")
 
 
 def _store_upload(file: UploadFile, session: Session, tenant, artifacts, settings, idem,

@@ -271,6 +271,13 @@ CASES = [
     Case("upload-200-fields", "POST", "/v1/files",
          data={"purpose": "fine-tune", **{f"f{i}": "x" for i in range(200)}},
          files={"file": ("t.jsonl", jsonl(QA_LINES))}),
+    # Fields the route does not take were dropped silently (the document now says none may come).
+    Case("upload-unknown-field", "POST", "/v1/files",
+         data={"purpose": "fine-tune", "expires_after[anchor]": "created_at"},
+         files={"file": ("t.jsonl", jsonl(QA_LINES))}),
+    Case("upload-purpose-twice", "POST", "/v1/files",
+         data={"purpose": ["fine-tune", "fine-tune"]},
+         files={"file": ("t.jsonl", jsonl(QA_LINES))}),
     Case("upload-field-4k", "POST", "/v1/files",
          data={"purpose": "fine-tune", "expires_after[anchor]": "p" * 4096},
          files={"file": ("t.jsonl", jsonl(QA_LINES))}),

@@ -129,6 +129,8 @@ def test_request_schemas_are_as_strict_as_validation(app, doc):
     upload = doc["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]
     ref = upload["schema"]["$ref"].rsplit("/", 1)[-1]
     assert schemas[ref]["properties"]["purpose"]["enum"] == ["fine-tune"]
+    assert schemas[ref]["additionalProperties"] is False  # the route refuses other fields
+    assert listing["metadata"]["schema"]["maxProperties"] == 16  # and more filters
 
 
 @settings(max_examples=150, deadline=None, database=None,
