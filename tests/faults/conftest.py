@@ -437,6 +437,25 @@ class Store:
                      f"job {job_id} did not reach {statuses}", step=0.3)
 
 
+def finish_with_a_worker(settings, store: Store, job_id: str, log_path: Path,
+                         timeout: float = 180):
+    """Start a worker, wait for the job to end, stop the worker: the job's row and its events'
+    messages."""
+    worker = Worker(settings, log_path)
+    try:
+        done = store.wait_status(job_id, timeout=timeout)
+    finally:
+        worker.stop()
+    return done, store.events(job_id)
+
+
+def assert_ran_once(done, events: list[str]) -> None:
+    """Succeeded, claimed once, started once, ended once."""
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 1 and events.count("Fine-tuning job started.") == 1, events
+    assert sum("successfully completed" in m for m in events) == 1, events
+
+
 def queued_messages(redis_server) -> int:
     """Wake-up messages waiting in the broker (kombu keeps a list per queue and priority)."""
     from store.queue import QUEUE

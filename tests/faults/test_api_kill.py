@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 
 from store.queue import EPOCH_KEY
-from tests.faults.conftest import Api, Store, Worker, job_body, queued_messages
+from tests.faults.conftest import (
+    Api,
+    Store,
+    assert_ran_once,
+    finish_with_a_worker,
+    job_body,
+    queued_messages,
+)
 from tests.live import new_tenant_key
 
 pytestmark = pytest.mark.slow
@@ -41,13 +48,6 @@ def test_api_killed_after_the_commit_its_job_still_runs_once(fault_settings, red
     assert (row.status, row.enqueued_at) == ("queued", None)
     assert queued_messages(redis_server) == 0  # the API sent nothing
 
-    worker = Worker(fault_settings, tmp_path / "worker.log")
-    try:
-        done = store.wait_status(job.id, timeout=180)
-    finally:
-        worker.stop()
-    events = store.events(job.id)
-    assert done.status == "succeeded", done.error
+    done, events = finish_with_a_worker(fault_settings, store, job.id, tmp_path / "worker.log")
+    assert_ran_once(done, events)
     assert done.enqueued_at is not None  # sent by the worker's relay
-    assert done.attempts == 1 and events.count("Fine-tuning job started.") == 1, events
-    assert sum("successfully completed" in m for m in events) == 1

@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 
 from store.queue import EPOCH_KEY
-from tests.faults.conftest import FreezableProxy, Store, Worker, _wait, job_body, queued_messages
+from tests.faults.conftest import (
+    FreezableProxy,
+    Store,
+    Worker,
+    _wait,
+    assert_ran_once,
+    finish_with_a_worker,
+    job_body,
+    queued_messages,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +49,7 @@ def test_a_message_lost_in_a_dying_consumer_is_sent_again_and_the_job_runs_once(
     assert queued_messages(redis_server) == 0
     assert redis_server.client().hlen("unacked") == 0  # and never recorded as delivered
 
-    second = Worker(settings, tmp_path / "worker2.log")
-    try:
-        done = store.wait_status(job.id, timeout=180)
-    finally:
-        second.stop()
-    events = store.events(job.id)
-    assert done.status == "succeeded", done.error
+    done, events = finish_with_a_worker(settings, store, job.id, tmp_path / "worker2.log")
+    assert_ran_once(done, events)
     assert done.enqueued_at > row.enqueued_at  # a second message, sent by the relay
     assert sum("wake-up message was lost" in m for m in events) == 1, events
-    assert done.attempts == 1 and events.count("Fine-tuning job started.") == 1, events
-    assert sum("successfully completed" in m for m in events) == 1
