@@ -27,12 +27,20 @@ class Download(FileResponse):
     """A file streamed from disk, in byte ranges when asked (206: a large adapter's download can
     resume). A Range header it cannot parse is ignored, as RFC 9110 allows: the whole file, 200
     (Starlette answered it with a plain-text 400, outside the error envelope). A range that
-    starts past the end is 416 in the envelope, with Content-Range: bytes */size."""
+    starts past the end is 416 in the envelope, with Content-Range: bytes */size, unless an
+    If-Range names another version of the file: then the whole file, as RFC 9110 says."""
 
     async def __call__(self, scope, receive, send) -> None:
-        asked = Headers(scope=scope).get("range")
+        headers = Headers(scope=scope)
+        asked, if_range = headers.get("range"), headers.get("if-range")
         if asked is not None and scope.get("method") in ("GET", "HEAD"):
-            size = os.stat(self.path).st_size
+            if self.stat_result is None:  # Starlette's own stat, done once: its ETag too
+                self.stat_result = os.stat(self.path)
+                self.set_stat_headers(self.stat_result)
+            if if_range is not None and not self._should_use_range(if_range):
+                # The client's copy is stale: the whole file, 200, whatever the range says.
+                return await super().__call__(scope, receive, send)
+            size = self.stat_result.st_size
             try:
                 self._parse_range_header(asked, size)
             except MalformedRangeHeader:

@@ -552,6 +552,16 @@ def test_downloads_serve_byte_ranges_and_answer_bad_ones_as_declared(client, ali
     for odd in ("items=0-1", "bytes", "bytes=5-2", "bytes=x-y"):
         whole = client.get(url, headers=h(alice, Range=odd))
         assert whole.status_code == 200 and whole.content == data, odd
+    # If-Range: a client whose copy is another version gets the whole file, whatever its range
+    # (a range past the end of the old copy was 416), and a current one its range.
+    etag = part.headers["etag"]
+    for version, status in (('"another-version"', 200), (etag, 416)):
+        again = client.get(url, headers=h(alice, Range=f"bytes={len(data) + 5}-",
+                                          **{"If-Range": version}))
+        assert again.status_code == status, (version, again.text[:200])
+        assert status == 416 or again.content == data
+    resume = client.get(url, headers=h(alice, Range="bytes=10-19", **{"If-Range": etag}))
+    assert resume.status_code == 206 and resume.content == data[10:20]
     jid, _ = fake_checkpoint(client, alice, settings)
     zipped = client.get(f"/v1/fine_tuning/jobs/{jid}/adapter", headers=h(alice)).content
     tail = client.get(f"/v1/fine_tuning/jobs/{jid}/adapter", headers=h(alice, Range="bytes=-100"))
