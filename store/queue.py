@@ -132,6 +132,8 @@ def job_of_message(message: bytes | str | dict) -> str | None:
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         job_id = json.loads(body)[0][0]
+    except UnreadableMessage:
+        raise  # its own message, not the generic one below
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
         raise UnreadableMessage(f"unreadable message: {e}") from None
     if not isinstance(job_id, str):

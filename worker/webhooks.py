@@ -43,6 +43,7 @@ from store.db import session_scope
 from store.models import WebhookDelivery, WebhookEndpoint
 from store.netguard import RefusedURL, Target, TenantLookups
 from store.settings import Settings
+from worker.runner import with_db_retry
 
 MAX_ATTEMPTS = 8
 BATCH = 20
@@ -185,8 +186,6 @@ def record(settings: Settings, items: list[Claimed], outcomes: list[tuple[bool, 
     """Write the outcomes, riding out a database blip for as long as the rows' lease allows:
     outcomes lost to an outage make their rows due again when the lease ends, and a delivery
     that had arrived is sent again (at least once; the body's id is the same)."""
-    from worker.runner import with_db_retry
-
     def write() -> None:
         D, now = WebhookDelivery, time.time()
         with session_scope(settings) as s:
@@ -211,12 +210,8 @@ def record(settings: Settings, items: list[Claimed], outcomes: list[tuple[bool, 
                      item.id, httpx.URL(item.url).host, why, item.attempts)
 
 
-def send_due(settings: Settings, limit: int = BATCH) -> int:
-    """One pass: claim, send concurrently outside any transaction, record. Returns rows claimed."""
-    return len(_send_batch(settings, limit))
-
-
-def _send_batch(settings: Settings, limit: int = BATCH) -> list[Claimed]:
+def send_due(settings: Settings, limit: int = BATCH) -> list[Claimed]:
+    """One pass: claim, send concurrently outside any transaction, record. The rows claimed."""
     items = claim_due(settings, limit)
     if items:
         record(settings, items, asyncio.run(deliver_all(items, settings)))
@@ -236,7 +231,7 @@ def start_sender(settings: Settings, every_s: float = 2.0,
     def loop():
         while not stop.is_set():
             try:
-                more = more_may_be_due(_send_batch(settings))
+                more = more_may_be_due(send_due(settings))
             except Exception:  # noqa: BLE001 - a sender that dies silently would be worse
                 log.exception("webhook sender pass failed")
                 more = False

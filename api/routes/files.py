@@ -70,9 +70,10 @@ def _check_storage_quota(session: Session, tenant_id: str, size: int, settings) 
                        code="quota_storage_bytes")
 
 
-# One file and a few short fields (purpose; OpenAI's SDK may add expires_after[...]). Starlette's
-# defaults (1,000 files, 1,000 fields, each part up to 1 MB in memory) let one request pin
-# hundreds of MB while its form was parsed.
+# One file and short fields: `purpose`, and room for a few unknown ones, so that one gets the
+# route's 400 naming it (`_only_declared_fields`). Starlette's defaults (1,000 files, 1,000
+# fields, each part up to 1 MB in memory) let one request pin hundreds of MB while its form was
+# parsed.
 UPLOAD_FORM_LIMITS = {"max_files": 1, "max_fields": 8, "max_part_size": 1024}
 
 
